@@ -1,0 +1,7 @@
+"""Dimba (Transformer-Mamba diffusion) for PyTorch: model, loader, samplers, T5 and a text-to-image pipeline."""
+from .config import PRESETS, DimbaConfig, dimba_g_2, dimba_l_2
+from .loader import DimbaLoadError, convert, load_dimba, save_safetensors
+from .model import Dimba
+
+__all__ = ["PRESETS", "Dimba", "DimbaConfig", "DimbaLoadError", "convert", "dimba_g_2", "dimba_l_2", "load_dimba",
+           "save_safetensors"]

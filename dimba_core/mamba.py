@@ -1,0 +1,87 @@
+"""Bidirectional Mamba mixer ("Vim v2") and the pre-norm Mamba block with its float32 residual stream."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 (float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation computed in float32 (eps 1e-5, weight only)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _fp32(x)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(x.dtype)
+
+
+class BiMambaMixer(nn.Module):
+    """Mamba selective-SSM mixer scanning the sequence both ways; out = out_proj(y_fwd + y_bwd)."""
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | None = None, backend: str = "auto"):
+        super().__init__()
+        self.d_inner = expand * d_model
+        self.d_state = d_state
+        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.backend = ops.check_backend(backend)
+        self.last_backend: str | None = None  # what the latest forward actually ran
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        for suffix in ("", "_b"):  # forward and backward direction
+            setattr(self, "conv1d" + suffix, nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner,
+                                                       padding=d_conv - 1))
+            setattr(self, "x_proj" + suffix, nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False))
+            setattr(self, "dt_proj" + suffix, nn.Linear(self.dt_rank, self.d_inner))
+        A_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(A_log)
+        self.A_b_log = nn.Parameter(A_log.clone())
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.D_b = nn.Parameter(torch.ones(self.d_inner))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        backend = ops.resolve_backend(self.backend, hidden.device)
+        self.last_backend = backend
+        xz = self.in_proj(hidden).transpose(1, 2)  # b, 2d, L
+        x, z = xz.chunk(2, dim=1)
+        y = self._scan(x, z, "", backend)
+        y = y + self._scan(x.flip(-1), z.flip(-1), "_b", backend).flip(-1)
+        return self.out_proj(y.transpose(1, 2))
+
+    def _scan(self, x, z, suffix: str, backend: str) -> torch.Tensor:
+        """One direction: causal conv + SiLU, input-dependent (dt, B, C), selective scan, D skip, SiLU(z) gate."""
+        conv, x_proj, dt_proj = (getattr(self, n + suffix) for n in ("conv1d", "x_proj", "dt_proj"))
+        A_log, D = (self.A_log, self.D) if suffix == "" else (self.A_b_log, self.D_b)
+        x = ops.causal_conv1d(x.contiguous(), conv.weight.squeeze(1), conv.bias, backend)
+        dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)
+        scan = ops.SCANS[backend]
+        return scan(x, delta.contiguous(), -torch.exp(_fp32(A_log)), B.transpose(1, 2).contiguous(),
+                    C.transpose(1, 2).contiguous(), _fp32(D), z.contiguous(),
+                    delta_bias=_fp32(dt_proj.bias), delta_softplus=True)
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm Mamba block: residual = residual + x (float32), returns (Mixer(RMSNorm(residual)), residual)."""
+
+    def __init__(self, d_model: int, **mixer_kw):
+        super().__init__()
+        self.norm = RMSNorm(d_model)
+        self.mixer = BiMambaMixer(d_model, **mixer_kw)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None):
+        residual = _fp32(x) if residual is None else residual + _fp32(x)
+        return self.mixer(self.norm(residual).to(x.dtype)), residual

@@ -1,0 +1,67 @@
+"""Scan backends for the Mamba mixer: `cuda` (mamba-ssm kernels), `torch` (pure PyTorch), `ref` (naive)."""
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+from .causal_conv1d import causal_conv1d_cuda, causal_conv1d_torch
+from .selective_scan import selective_scan_cuda, selective_scan_ref, selective_scan_torch
+
+BACKENDS = ("auto", "cuda", "torch", "ref")
+SCANS = {"cuda": selective_scan_cuda, "torch": selective_scan_torch, "ref": selective_scan_ref}
+
+
+@functools.cache
+def has_mamba_ssm() -> bool:
+    """Whether mamba-ssm's selective-scan kernel can be imported."""
+    if importlib.util.find_spec("mamba_ssm") is None:
+        return False
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401
+    except Exception:  # a broken or mismatched build: fall back to PyTorch
+        return False
+    return True
+
+
+@functools.cache
+def has_causal_conv1d() -> bool:
+    """Whether causal-conv1d's kernel can be imported."""
+    if importlib.util.find_spec("causal_conv1d") is None:
+        return False
+    try:
+        from causal_conv1d import causal_conv1d_fn  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def check_backend(name: str) -> str:
+    """Validate a backend name."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown scan backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def resolve_backend(name: str, device) -> str:
+    """The backend that runs for tensors on `device`: `auto` picks `cuda` on CUDA when installed."""
+    check_backend(name)
+    on_cuda = getattr(device, "type", device) == "cuda"
+    if name == "auto":
+        return "cuda" if on_cuda and has_mamba_ssm() else "torch"
+    if name == "cuda" and not (on_cuda and has_mamba_ssm()):
+        raise RuntimeError(
+            "scan backend 'cuda' needs CUDA tensors and the mamba-ssm package "
+            "(pip install mamba-ssm causal-conv1d); use backend 'auto' or 'torch' instead"
+        )
+    return name
+
+
+def causal_conv1d(x, weight, bias, backend: str):
+    """Causal depthwise conv + SiLU on the fastest path the backend allows."""
+    if backend == "cuda" and has_causal_conv1d():
+        return causal_conv1d_cuda(x, weight, bias)
+    return causal_conv1d_torch(x, weight, bias)
+
+
+__all__ = ["BACKENDS", "SCANS", "causal_conv1d", "check_backend", "has_mamba_ssm", "resolve_backend",
+           "selective_scan_cuda", "selective_scan_ref", "selective_scan_torch"]

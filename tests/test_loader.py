@@ -1,0 +1,133 @@
+"""load_dimba / convert: formats, config inference, EMA selection, safety and clear errors."""
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dimba_core import Dimba, DimbaConfig, DimbaLoadError, load_dimba, save_safetensors
+
+MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "dimba_official_keys.json"
+
+
+def tiny_model(**kw):
+    cfg = dict(hidden_size=32, depth=4, num_heads=4, caption_channels=16, model_max_length=8, base_size=4,
+               mamba_ratio=0.5)
+    torch.manual_seed(1)
+    model = Dimba(DimbaConfig(**{**cfg, **kw})).eval()
+    for p in model.parameters():  # randomise everything so that no path is zero
+        p.data.normal_(0, 0.2)
+    return model
+
+
+def run(model):
+    torch.manual_seed(5)
+    x, y = torch.randn(2, 4, 6, 8), torch.randn(2, 1, 8, 16)
+    with torch.no_grad():
+        return model(x, torch.tensor([3.0, 700.0]), y, torch.tensor([[1] * 4 + [0] * 4, [1] * 8]))
+
+
+def test_pt_and_safetensors_round_trip(tmp_path):
+    model = tiny_model()
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "m.pt")
+    from_pt = load_dimba(tmp_path / "m.pt", num_heads=4)
+    assert from_pt.config == model.config
+    save_safetensors(from_pt, tmp_path / "m.safetensors")
+    from_st = load_dimba(tmp_path / "m.safetensors")  # num_heads comes from the stored config
+    assert from_st.config.num_heads == 4
+    out = run(model)
+    assert torch.equal(run(from_pt), out) and torch.equal(run(from_st), out)
+
+
+def test_config_inferred_from_shapes():
+    model = tiny_model(depth=6, mamba_ratio=1 / 3, d_state=8, expand=3, d_conv=3, dt_rank=5, base_size=8,
+                       mlp_ratio=2.0, model_max_length=12)
+    loaded = load_dimba(model.state_dict(), num_heads=4)
+    c = loaded.config
+    assert (c.depth, c.mamba_depth, c.d_state, c.expand, c.d_conv, c.dt_rank, c.base_size, c.pe_interpolation,
+            c.mlp_ratio, c.model_max_length) == (6, 2, 8, 3, 3, 5, 8, 1.0, 2.0, 12)
+    assert load_dimba(model.state_dict(), num_heads=4, pe_interpolation=2.0).config.pe_interpolation == 2.0
+
+
+def test_ema_selection_and_prefixes():
+    a, b = tiny_model(), tiny_model()
+    for p in b.parameters():
+        p.data.mul_(0.5)
+    ckpt = {"state_dict": {"module." + k: v for k, v in a.state_dict().items()},
+            "state_dict_ema": b.state_dict(), "step": 100}
+    assert torch.equal(run(load_dimba(ckpt, num_heads=4)), run(a))
+    assert torch.equal(run(load_dimba(ckpt, num_heads=4, ema=True)), run(b))
+    with pytest.raises(DimbaLoadError, match="state_dict_ema"):
+        load_dimba({"state_dict": a.state_dict()}, ema=True)
+
+
+def test_device_and_dtype_arguments():
+    loaded = load_dimba(tiny_model().state_dict(), num_heads=4, dtype=torch.bfloat16)
+    assert loaded.dtype == torch.bfloat16 and not any(p.requires_grad for p in loaded.parameters())
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_malicious_pickle_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": Evil()}, f)
+    torch.save({"state_dict": {"x": Evil()}}, tmp_path / "evil2.pt")
+    for p in (path, tmp_path / "evil2.pt"):
+        with pytest.raises(DimbaLoadError, match="refused"):
+            load_dimba(p)
+    assert "pwned" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_truncated_file_gives_clear_error(tmp_path, suffix):
+    model, path = tiny_model(), tmp_path / f"m{suffix}"
+    save_safetensors(model, path) if suffix == ".safetensors" else torch.save(model.state_dict(), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DimbaLoadError, match="truncated or corrupt") as e:
+        load_dimba(path)
+    assert str(path) in str(e.value)
+
+
+def test_wrong_shapes_and_missing_keys_are_listed():
+    sd = tiny_model().state_dict()
+    sd["blocks.1.attn.qkv.weight"] = torch.zeros(96, 16)
+    del sd["mamba_blocks.0.mixer.D_b"]
+    sd["extra.weight"] = torch.zeros(1)
+    with pytest.raises(DimbaLoadError) as e:
+        load_dimba(sd, num_heads=4)
+    msg = str(e.value)
+    assert "missing keys: mamba_blocks.0.mixer.D_b" in msg and "unexpected keys: extra.weight" in msg
+    assert "blocks.1.attn.qkv.weight (96, 16) (expected (96, 32))" in msg
+
+
+def test_not_a_dimba_checkpoint(tmp_path):
+    with pytest.raises(DimbaLoadError, match="not a Dimba checkpoint"):
+        load_dimba({"conv.weight": torch.zeros(3)})
+    with pytest.raises(DimbaLoadError, match="no such file"):
+        load_dimba(tmp_path / "missing.pt")
+    with pytest.raises(DimbaLoadError, match="num_heads"):
+        load_dimba(tiny_model().state_dict(), num_heads=5)
+
+
+@pytest.mark.skipif(not MANIFEST.is_file(), reason="key manifest not found")
+def test_full_manifest_state_dict_loads():
+    keys = json.loads(MANIFEST.read_text())["Dimba-L-2"]["keys"]
+    sd = {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
+    model = load_dimba(sd, device="meta")
+    assert model.config.hidden_size == 1152 and model.config.depth == 28 and model.config.base_size == 32
+
+
+def test_convert_cli(tmp_path):
+    model = tiny_model()
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "m.pt")
+    subprocess.run([sys.executable, "-m", "dimba_core", "convert", str(tmp_path / "m.pt"),
+                    str(tmp_path / "m.safetensors"), "--num-heads", "4"], check=True,
+                   cwd=Path(__file__).resolve().parents[1])
+    assert torch.equal(run(load_dimba(tmp_path / "m.safetensors")), run(model))

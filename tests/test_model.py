@@ -1,0 +1,147 @@
+"""The Dimba denoiser against the published reference: golden outputs, key manifest, dtypes, errors."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dimba_core import PRESETS, Dimba, DimbaConfig
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+GOLDEN = SHARED / "fixtures" / "dimba_reference_tiny.safetensors"
+MANIFEST = SHARED / "fixtures" / "dimba_official_keys.json"
+needs_golden = pytest.mark.skipif(not GOLDEN.is_file(), reason=f"golden fixtures not found at {GOLDEN}")
+
+
+def rel_err(a, b):
+    """Relative L2 error of a against b, in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def golden():
+    from safetensors import safe_open
+
+    with safe_open(str(GOLDEN), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def golden_model(golden, name, backend="torch", dtype=torch.float32):
+    tensors, meta = golden
+    model = Dimba(DimbaConfig.from_reference(**json.loads(meta[name])), scan_backend=backend)
+    model.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+    return model.to(dtype).eval()
+
+
+CASES = {  # golden output -> (model, latent input, use the mask)
+    "model_a": ("model_a", "in.x", True),
+    "model_a_nonsquare": ("model_a", "in.x_nonsquare", True),
+    "model_a_nomask": ("model_a", "in.x", False),
+    "model_b": ("model_b", "in.x", True),
+}
+
+
+@needs_golden
+@pytest.mark.parametrize("backend", ["torch", "ref"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_golden_parity_fp32(golden, backend, case):
+    name, x_key, use_mask = CASES[case]
+    t = golden[0]
+    model = golden_model(golden, name, backend)
+    with torch.no_grad():
+        out = model(t[x_key].float(), t["in.t"].float(), t["in.y"].float(), t["in.mask"] if use_mask else None)
+    assert out.dtype == torch.float32 and out.shape == t["out." + case].shape
+    assert rel_err(out, t["out." + case]) <= 1e-5
+    assert model.mamba_blocks[0].mixer.last_backend == backend
+
+
+@needs_golden
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_close_to_fp32(golden, dtype):
+    t = golden[0]
+    args = (t["in.x"].float(), t["in.t"].float(), t["in.y"].float(), t["in.mask"])
+    with torch.no_grad():
+        ref = golden_model(golden, "model_a")(*args)
+        model = golden_model(golden, "model_a", dtype=dtype)
+        out = model(*args)
+    assert out.dtype == torch.float32  # returned in the input's dtype
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) <= 1e-2
+    assert model.mamba_blocks[0].norm.weight.dtype == dtype
+
+
+@pytest.mark.skipif(not MANIFEST.is_file(), reason="key manifest not found")
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_presets_match_published_keys_and_sizes(preset):
+    manifest = json.loads(MANIFEST.read_text())[preset]
+    with torch.device("meta"):
+        model = Dimba(PRESETS[preset]())
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == manifest["keys"]
+    assert sum(p.numel() for p in model.parameters()) == manifest["params"]
+
+
+def test_mamba_interleaving_follows_reference():
+    assert DimbaConfig(hidden_size=64, depth=4, num_heads=4, mamba_ratio=1.0).mamba_after() == {0: 0, 1: 1, 2: 2, 3: 3}
+    assert DimbaConfig(hidden_size=64, depth=4, num_heads=4, mamba_ratio=0.5).mamba_after() == {1: 0, 3: 1}
+    assert DimbaConfig(hidden_size=64, depth=28, num_heads=4, mamba_ratio=1 / 3).mamba_after() == {
+        i: i // 3 for i in range(1, 28, 3)}
+    with pytest.raises(ValueError, match="mamba_ratio"):
+        DimbaConfig(hidden_size=64, depth=4, num_heads=4, mamba_ratio=0.75)
+
+
+def tiny(**kw):
+    cfg = dict(hidden_size=32, depth=3, num_heads=2, caption_channels=16, model_max_length=8, base_size=4)
+    torch.manual_seed(0)
+    return Dimba(DimbaConfig(**{**cfg, **kw})).eval()
+
+
+def test_unseen_configuration_runs_and_backends_agree():
+    """Other heads, Mamba every third block, pe_interpolation 2, non-square, batch 3: torch scan == naive scan."""
+    model = tiny(depth=6, num_heads=8, mamba_ratio=1 / 3, pe_interpolation=2.0)
+    assert len(model.mamba_blocks) == 2
+    x, y = torch.randn(3, 4, 6, 10), torch.randn(3, 1, 8, 16)
+    mask = torch.tensor([[1] * 3 + [0] * 5, [1] * 8, [1] + [0] * 7])
+    with torch.no_grad():
+        out = model(x, torch.tensor([1.0, 250.5, 999.0]), y, mask)
+        ref = model.set_scan_backend("ref")(x, torch.tensor([1.0, 250.5, 999.0]), y, mask)
+    assert out.shape == (3, 8, 6, 10)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_mask_hides_padding_and_batch_is_independent():
+    model = tiny()
+    x, y = torch.randn(2, 4, 8, 8), torch.randn(2, 1, 8, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0], [1] * 8])
+    y2 = y.clone()
+    y2[0, 0, 3:] = 100.0  # padding content must not matter
+    with torch.no_grad():
+        a = model(x, torch.tensor([10.0, 20.0]), y, mask)
+        b = model(x, torch.tensor([10.0, 20.0]), y2, mask)
+        single = model(x[:1], torch.tensor([10.0]), y[:1, :, :3])
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a[:1], single, rtol=1e-5, atol=1e-5)
+
+
+def test_scan_backend_is_visible_and_selectable():
+    model = tiny()
+    assert model.scan_backend == "auto"
+    with torch.no_grad():
+        model(torch.randn(1, 4, 4, 4), 1.0, torch.randn(1, 1, 8, 16))
+    assert model.mamba_blocks[0].mixer.last_backend == "torch"  # auto on a CPU tensor
+    with pytest.raises(ValueError, match="unknown scan backend"):
+        model.set_scan_backend("triton-magic")
+    if not torch.cuda.is_available():
+        model.set_scan_backend("cuda")
+        with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+            model(torch.randn(1, 4, 4, 4), 1.0, torch.randn(1, 1, 8, 16))
+
+
+@pytest.mark.parametrize("shape, match", [((1, 4, 5, 4), "multiples of the patch"), ((1, 3, 4, 4), "latents")])
+def test_bad_latent_shapes_are_named(shape, match):
+    with pytest.raises(ValueError, match=match):
+        tiny()(torch.randn(shape), 1.0, torch.randn(1, 1, 8, 16))
+
+
+def test_bad_caption_width_is_named():
+    with pytest.raises(ValueError, match="caption features"):
+        tiny()(torch.randn(1, 4, 4, 4), 1.0, torch.randn(1, 1, 8, 32))
