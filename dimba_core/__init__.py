@@ -2,6 +2,7 @@
 from .config import PRESETS, DimbaConfig, dimba_g_2, dimba_l_2
 from .loader import DimbaLoadError, convert, load_dimba, save_safetensors
 from .model import Dimba
+from .sampling import SAMPLERS, noise_like, sample
 
 __all__ = ["PRESETS", "Dimba", "DimbaConfig", "DimbaLoadError", "convert", "dimba_g_2", "dimba_l_2", "load_dimba",
-           "save_safetensors"]
+           "noise_like", "sample", "save_safetensors", "SAMPLERS"]

@@ -1,0 +1,56 @@
+"""The reference's aspect-ratio buckets and prompt suffixes (--ar h:w, --hw h:w)."""
+from __future__ import annotations
+
+import re
+
+# key h/w -> (h, w) at 1024 px; the 512 px table is this halved, 2048 px doubled.
+ASPECT_RATIOS_1024 = {
+    0.25: (512, 2048), 0.28: (512, 1856), 0.32: (576, 1792), 0.33: (576, 1728), 0.35: (576, 1664),
+    0.4: (640, 1600), 0.42: (640, 1536), 0.48: (704, 1472), 0.5: (704, 1408), 0.52: (704, 1344),
+    0.57: (768, 1344), 0.6: (768, 1280), 0.68: (832, 1216), 0.72: (832, 1152), 0.78: (896, 1152),
+    0.82: (896, 1088), 0.88: (960, 1088), 0.94: (960, 1024), 1.0: (1024, 1024), 1.07: (1024, 960),
+    1.13: (1088, 960), 1.21: (1088, 896), 1.29: (1152, 896), 1.38: (1152, 832), 1.46: (1216, 832),
+    1.67: (1280, 768), 1.75: (1344, 768), 2.0: (1408, 704), 2.09: (1472, 704), 2.4: (1536, 640),
+    2.5: (1600, 640), 3.0: (1728, 576), 4.0: (2048, 512),
+}
+PE_INTERPOLATION = {512: 1.0, 1024: 2.0, 2048: 4.0}
+
+
+def aspect_ratios(base: int = 1024) -> dict[float, tuple[int, int]]:
+    """Buckets {h/w: (h, w)} for a 512, 1024 or 2048 px model."""
+    if base not in PE_INTERPOLATION:
+        raise ValueError(f"base resolution {base} is not one of 512, 1024, 2048")
+    return {r: (h * base // 1024, w * base // 1024) for r, (h, w) in ASPECT_RATIOS_1024.items()}
+
+
+def closest_bucket(ratio: float, base: int = 1024) -> tuple[int, int]:
+    """(height, width) of the bucket whose h/w is nearest to `ratio`."""
+    table = aspect_ratios(base)
+    return table[min(table, key=lambda r: abs(r - ratio))]
+
+
+def parse_ratio(text: str) -> float:
+    """'16:9' or '1.5' -> h/w as a float (for --ar h:w)."""
+    try:
+        if ":" in text:
+            h, w = (float(v) for v in text.split(":"))
+            return h / w
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"cannot read aspect ratio {text!r}; write h:w such as 16:9, or a number h/w") from None
+
+
+_SUFFIX = re.compile(r"\s*--(ar|hw)\s+([0-9.]+\s*:\s*[0-9.]+|[0-9.]+)\s*")
+
+
+def parse_prompt(prompt: str, base: int = 1024) -> tuple[str, tuple[int, int] | None]:
+    """Strip the reference's `--ar h:w` (bucketed) or `--hw h:w` (exact pixels) suffix: (prompt, (h, w) or None)."""
+    size = None
+    for kind, value in _SUFFIX.findall(prompt):
+        value = value.replace(" ", "")
+        if kind == "ar":
+            size = closest_bucket(parse_ratio(value), base)
+        else:
+            h, w = (int(float(v)) for v in value.split(":"))
+            size = (h, w)
+    return _SUFFIX.sub(" ", prompt).strip(), size

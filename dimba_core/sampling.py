@@ -1,0 +1,243 @@
+"""Schedules and samplers for Dimba: each sampler a short function over a guided denoiser and a schedule.
+
+Latents are in the model's (scaled) latent space. A denoiser maps (x, t) with t in discrete model time
+[0, 1000) to (eps, v): the guided noise prediction and the learned-variance channels (or None).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+SAMPLERS = ("dpmpp_2m", "ddim", "iddpm", "euler")
+DEFAULT_STEPS = {"dpmpp_2m": 20, "ddim": 50, "iddpm": 100, "euler": 30}
+
+
+# --- schedule -------------------------------------------------------------------------------------
+
+class DiscreteSchedule:
+    """The reference's discrete VP schedule: N = 1000 linear betas from 1e-4 to 0.02, kept in float64."""
+
+    def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        self.N = num_timesteps
+        self.betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+        self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)
+        self.log_alphas = 0.5 * torch.log(1 - self.betas).cumsum(0)  # log sqrt(alpha_bar) per step
+        self.t_array = torch.linspace(0.0, 1.0, num_timesteps + 1, dtype=torch.float64)[1:]
+
+    # continuous time t in [1/N, 1], as DPM-Solver uses it; knots at t = (n + 1) / N
+    def log_alpha(self, t):
+        """Piecewise-linear log sqrt(alpha_bar) at continuous time t (extrapolated linearly at the ends)."""
+        return _interp(torch.as_tensor(t, dtype=torch.float64), self.t_array, self.log_alphas)
+
+    def alpha(self, t):
+        return torch.exp(self.log_alpha(t))
+
+    def sigma(self, t):
+        return torch.sqrt(1 - torch.exp(2 * self.log_alpha(t)))
+
+    def lambda_(self, t):
+        """Half log-SNR: log(alpha / sigma)."""
+        la = self.log_alpha(t)
+        return la - 0.5 * torch.log(1 - torch.exp(2 * la))
+
+    def model_time(self, t):
+        """Continuous t -> the model's discrete timestep input (t - 1/N) * N."""
+        return (torch.as_tensor(t, dtype=torch.float64) - 1.0 / self.N) * self.N
+
+    def respace(self, steps: int, start: int | None = None) -> list[int]:
+        """IDDPM's evenly spaced subset of `steps` discrete timesteps in [0, start], ascending."""
+        last = self.N - 1 if start is None else start
+        if steps > last + 1:
+            raise ValueError(f"{steps} steps is more than the {last + 1} timesteps available")
+        if steps == 1:
+            return [last]
+        stride, pos, taken = last / (steps - 1), 0.0, []
+        for _ in range(steps):  # accumulate the stride as IDDPM's space_timesteps does
+            taken.append(round(pos))
+            pos += stride
+        return sorted(set(taken))
+
+
+def _interp(x, xp, fp):
+    """Linear interpolation of fp(xp) at x, with linear extrapolation beyond the ends (xp ascending)."""
+    idx = torch.searchsorted(xp, x.reshape(-1)).clamp(1, len(xp) - 1)
+    x0, x1, y0, y1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
+    return (y0 + (x.reshape(-1) - x0) * (y1 - y0) / (x1 - x0)).reshape(x.shape)
+
+
+# --- guided denoiser ------------------------------------------------------------------------------
+
+def cfg_denoiser(model, cond, uncond, mask=None, uncond_mask=None, cfg_scale: float = 4.5):
+    """Wrap a Dimba model as (x, t) -> (guided eps, variance channels of the conditional half).
+
+    CFG batches [uncond, cond] in one call; the prompt's mask serves both halves unless uncond_mask is
+    given (the reference applies the prompt's mask to the T5("") embedding too).
+    """
+    b = cond.shape[0]
+    cond = _caption(cond, b)
+    mask = None if mask is None else _mask(mask, b, cond.device)
+    use_cfg = uncond is not None and cfg_scale != 1.0
+    if use_cfg:
+        uncond = _caption(uncond, b)
+        u_mask = mask if uncond_mask is None else _mask(uncond_mask, b, cond.device)
+        y = torch.cat([uncond, cond])
+        both = None if mask is None and u_mask is None else torch.cat(
+            [_ones_if_none(u_mask, uncond), _ones_if_none(mask, cond)])
+    channels = None
+
+    def denoise(x, t):
+        nonlocal channels
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0]).to(x.device)
+        if not use_cfg:
+            out = model(x, t, cond, mask)
+            channels = x.shape[1]
+            return out[:, :channels], (out[:, channels:] if out.shape[1] > channels else None)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), y, both)
+        channels = x.shape[1]
+        out_u, out_c = out.chunk(2)
+        eps = out_u[:, :channels] + cfg_scale * (out_c[:, :channels] - out_u[:, :channels])
+        return eps, (out_c[:, channels:] if out.shape[1] > channels else None)
+
+    return denoise
+
+
+def _caption(y, b):
+    y = y if y.ndim == 4 else y[:, None]
+    return y.expand(b, *y.shape[1:]) if y.shape[0] == 1 and b > 1 else y
+
+
+def _mask(mask, b, device):
+    mask = mask.reshape(mask.shape[0], -1).to(device)
+    return mask.expand(b, -1) if mask.shape[0] == 1 and b > 1 else mask
+
+
+def _ones_if_none(mask, y):
+    return torch.ones(y.shape[0], y.shape[2], dtype=torch.long, device=y.device) if mask is None else mask.long()
+
+
+# --- samplers -------------------------------------------------------------------------------------
+# Each takes (denoise, noise, schedule, steps) and optionally a callback, an init latent with the
+# fraction t_start of the schedule to run (img2img), and a generator for ancestral noise.
+
+def _noised(noise, init, alpha: float, sigma: float):
+    """The starting latent: pure noise, or the init latent noised to (alpha, sigma)."""
+    return noise if init is None else alpha * init + sigma * noise
+
+
+def sample_dpmpp_2m(denoise, noise, schedule, steps, callback=None, init=None, t_start=1.0, **_):
+    """DPM-Solver++ (data prediction) multistep order 2, time-uniform from t_start to 1/N, lower order final."""
+    ts = torch.linspace(t_start, 1.0 / schedule.N, steps + 1, dtype=torch.float64)
+    lam, alpha, sigma = schedule.lambda_(ts), schedule.alpha(ts), schedule.sigma(ts)
+    x = _noised(noise, init, float(alpha[0]), float(sigma[0]))
+    x0_prev = None
+    for i in range(steps):
+        x0 = (x - float(sigma[i]) * denoise(x, schedule.model_time(ts[i]))[0]) / float(alpha[i])
+        h = float(lam[i + 1] - lam[i])
+        ratio, a_phi = float(sigma[i + 1] / sigma[i]), float(alpha[i + 1]) * math.expm1(-h)
+        if x0_prev is None or i == steps - 1:  # first and last step first order (lower_order_final)
+            x = ratio * x - a_phi * x0
+        else:
+            r = float(lam[i] - lam[i - 1]) / h
+            x = ratio * x - a_phi * x0 - 0.5 * a_phi * (x0 - x0_prev) / r
+        x0_prev = x0
+        if callback is not None:
+            callback(i, steps, x, x0)
+    return x
+
+
+def _discrete_steps(schedule, steps, t_start):
+    """Descending respaced discrete timesteps from round(t_start * N) - 1 down to 0."""
+    start = max(0, min(schedule.N - 1, round(t_start * schedule.N) - 1))
+    return schedule.respace(steps, start)[::-1]
+
+
+def sample_ddim(denoise, noise, schedule, steps, callback=None, init=None, t_start=1.0, **_):
+    """DDIM with eta 0 on IDDPM-respaced discrete timesteps."""
+    ts = _discrete_steps(schedule, steps, t_start)
+    ac = [float(schedule.alphas_cumprod[t]) for t in ts] + [1.0]
+    x = _noised(noise, init, math.sqrt(ac[0]), math.sqrt(1 - ac[0]))
+    for i, t in enumerate(ts):
+        eps = denoise(x, float(t))[0]
+        x0 = (x - math.sqrt(1 - ac[i]) * eps) / math.sqrt(ac[i])
+        x = math.sqrt(ac[i + 1]) * x0 + math.sqrt(1 - ac[i + 1]) * eps
+        if callback is not None:
+            callback(i, len(ts), x, x0)
+    return x
+
+
+def sample_iddpm(denoise, noise, schedule, steps, callback=None, init=None, t_start=1.0, generator=None, **_):
+    """IDDPM ancestral sampling on respaced steps with the learned-range variance (channels 4..7)."""
+    ts = _discrete_steps(schedule, steps, t_start)
+    ac = [float(schedule.alphas_cumprod[t]) for t in ts] + [1.0]
+    x = _noised(noise, init, math.sqrt(ac[0]), math.sqrt(1 - ac[0]))
+    for i, t in enumerate(ts):
+        a_t, a_prev = ac[i], ac[i + 1]
+        beta = 1 - a_t / a_prev  # the respaced chain's beta
+        eps, v = denoise(x, float(t))
+        if v is None:
+            raise ValueError("iddpm needs a model with learned variance (8 output channels)")
+        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        x = (beta * math.sqrt(a_prev) / (1 - a_t)) * x0 + ((1 - a_prev) * math.sqrt(1 - beta) / (1 - a_t)) * x
+        if i + 1 < len(ts):  # no noise on the last step
+            frac = (v.float() + 1) / 2  # learned range between the posterior and the beta variance
+            log_var = frac * math.log(beta) + (1 - frac) * math.log(beta * (1 - a_prev) / (1 - a_t))
+            z = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+            x = x + torch.exp(0.5 * log_var) * z
+        if callback is not None:
+            callback(i, len(ts), x, x0)
+    return x
+
+
+def sample_euler(denoise, noise, schedule, steps, callback=None, init=None, t_start=1.0, **_):
+    """Euler on the probability-flow ODE in sigma = sqrt((1 - alpha_bar) / alpha_bar) over respaced steps."""
+    ts = _discrete_steps(schedule, steps, t_start)
+    sigmas = [math.sqrt((1 - float(schedule.alphas_cumprod[t])) / float(schedule.alphas_cumprod[t]))
+              for t in ts] + [0.0]
+    z = noise * sigmas[0] if init is None else init + sigmas[0] * noise  # VE latent x / alpha
+    for i, t in enumerate(ts):
+        s = sigmas[i]
+        eps = denoise(z / math.sqrt(1 + s ** 2), float(t))[0]
+        z = z + eps * (sigmas[i + 1] - s)
+        if callback is not None:
+            callback(i, len(ts), z / math.sqrt(1 + sigmas[i + 1] ** 2), z - sigmas[i + 1] * eps)
+    return z
+
+
+SAMPLER_FNS: dict[str, Callable] = {"dpmpp_2m": sample_dpmpp_2m, "ddim": sample_ddim, "iddpm": sample_iddpm,
+                                    "euler": sample_euler}
+
+
+# --- entry point ----------------------------------------------------------------------------------
+
+def noise_like(shape, seed: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise from a CPU generator seeded with `seed` (ComfyUI draws the same values)."""
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def sample(model, noise, cond, uncond, *, mask=None, steps: int | None = 20, cfg_scale: float = 4.5,
+           sampler: str = "dpmpp_2m", generator=None, callback=None, init_latent=None, denoise: float = 1.0,
+           uncond_mask=None, schedule: DiscreteSchedule | None = None) -> torch.Tensor:
+    """Sample latents from `noise` (B x C x H x W, standard normal) with classifier-free guidance.
+
+    cond/uncond: T5 features B x L x C (or B x 1 x L x C, or batch 1 to broadcast); mask: B x L (1 = valid).
+    callback(step, total, x, denoised) is called after each step; raising from it stops sampling.
+    init_latent with denoise < 1 starts from a noised image latent (img2img). Returns the final latent.
+    """
+    if sampler not in SAMPLER_FNS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    steps = DEFAULT_STEPS[sampler] if steps is None else steps
+    if not isinstance(steps, int) or not 1 <= steps <= 1000:
+        raise ValueError(f"steps must be an integer from 1 to 1000, got {steps!r}")
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+    if denoise < 1.0 and init_latent is None:
+        raise ValueError("denoise < 1 needs init_latent (the encoded image to start from)")
+    schedule = schedule or DiscreteSchedule()
+    init = None if denoise >= 1.0 else init_latent.float().to(noise.device)
+    t_start = max(denoise, 2.0 / schedule.N)
+    guided = cfg_denoiser(model, cond, uncond, mask, uncond_mask, cfg_scale)
+    return SAMPLER_FNS[sampler](guided, noise.float(), schedule, steps, callback=callback, init=init,
+                                t_start=t_start, generator=generator)
