@@ -5,4 +5,16 @@ from .model import Dimba
 from .sampling import SAMPLERS, noise_like, sample
 
 __all__ = ["PRESETS", "Dimba", "DimbaConfig", "DimbaLoadError", "convert", "dimba_g_2", "dimba_l_2", "load_dimba",
-           "noise_like", "sample", "save_safetensors", "SAMPLERS"]
+           "noise_like", "sample", "save_safetensors", "SAMPLERS",
+           "T5TextEncoder", "load_vae", "DimbaPipeline"]
+
+
+_LAZY = {"T5TextEncoder": ".text", "load_vae": ".vae", "DimbaPipeline": ".pipeline"}  # heavy imports on demand
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
