@@ -7,6 +7,11 @@ import math
 from dataclasses import dataclass, field
 
 
+# Reference constructor arguments that do not change the inference function.
+TRAINING_ONLY_ARGS = {"class_dropout_prob", "drop_path", "window_size", "window_block_indexes", "use_rel_pos",
+                      "config"}
+
+
 @dataclass
 class DimbaConfig:
     """Architecture of a Dimba denoiser; field names follow the reference constructor."""
@@ -82,8 +87,9 @@ class DimbaConfig:
     @classmethod
     def from_reference(cls, input_size: int = 64, **kw) -> "DimbaConfig":
         """From the reference constructor's arguments (input_size in latent pixels, pe_interpolation, ...)."""
-        patch = kw.get("patch_size", 2)
-        return cls(base_size=input_size // patch, **kw)
+        aliases = {"lewei_scale": "pe_interpolation", "pred_sigma": "learn_sigma"}
+        kw = {aliases.get(k, k): v for k, v in kw.items() if k not in TRAINING_ONLY_ARGS}
+        return cls(base_size=input_size // kw.get("patch_size", 2), **kw)
 
     @classmethod
     def from_dict(cls, d: dict) -> "DimbaConfig":
