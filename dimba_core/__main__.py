@@ -42,7 +42,7 @@ def generate_main(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for prompt in prompts:
-        with tqdm(total=args.steps, desc=prompt[:40], unit="step") as bar:
+        with tqdm(desc=prompt[:40], unit="step") as bar:
             results = pipe(prompt, negative=args.negative, width=width, height=height, steps=args.steps,
                            cfg_scale=args.cfg, sampler=args.sampler, seed=args.seed, batch=args.batch,
                            callback=lambda i, n, x, x0: (setattr(bar, "total", n), bar.update(1)))
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, help="image width in px, multiple of 16")
     gen.add_argument("--height", type=int, help="image height in px, multiple of 16")
     gen.add_argument("--ar", help="aspect ratio h:w, snapped to the reference buckets")
-    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--steps", type=int, help="sampling steps (default: dpmpp_2m 20, ddim 50, euler 30, iddpm 100)")
     gen.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale")
     gen.add_argument("--sampler", default="dpmpp_2m", choices=SAMPLERS)
     gen.add_argument("--seed", type=int, default=0)

@@ -63,7 +63,7 @@ class DimbaPipeline:
 
     @torch.inference_mode()
     def __call__(self, prompt: str, *, negative: str = "", width: int | None = None, height: int | None = None,
-                 steps: int | None = 20, cfg_scale: float = 4.5, sampler: str = "dpmpp_2m", seed: int = 0,
+                 steps: int | None = None, cfg_scale: float = 4.5, sampler: str = "dpmpp_2m", seed: int = 0,
                  batch: int = 1, callback=None) -> list[Generation]:
         """Generate `batch` images for one prompt; a `--ar h:w` / `--hw h:w` suffix sets the size."""
         base = native_resolution(self.model)
