@@ -159,6 +159,8 @@ def load_dimba(source, *, device=None, dtype=None, num_heads: int | None = None,
     try:
         config = (DimbaConfig.from_dict({**stored, **overrides}) if stored is not None
                   else infer_config(sd, name, **{"num_heads": 16, **overrides}))
+    except DimbaLoadError:
+        raise
     except (TypeError, ValueError) as e:
         raise DimbaLoadError(f"{name}: {e}") from None
     with torch.device("meta"):

@@ -69,13 +69,13 @@ def _interp(x, xp, fp):
 
 # --- guided denoiser ------------------------------------------------------------------------------
 
-def cfg_denoiser(model, cond, uncond, mask=None, uncond_mask=None, cfg_scale: float = 4.5):
+def cfg_denoiser(model, cond, uncond, mask=None, uncond_mask=None, cfg_scale: float = 4.5, batch: int | None = None):
     """Wrap a Dimba model as (x, t) -> (guided eps, variance channels of the conditional half).
 
     CFG batches [uncond, cond] in one call; the prompt's mask serves both halves unless uncond_mask is
     given (the reference applies the prompt's mask to the T5("") embedding too).
     """
-    b = cond.shape[0]
+    b = batch or cond.shape[0]
     cond = _caption(cond, b)
     mask = None if mask is None else _mask(mask, b, cond.device)
     use_cfg = uncond is not None and cfg_scale != 1.0
@@ -238,6 +238,6 @@ def sample(model, noise, cond, uncond, *, mask=None, steps: int | None = 20, cfg
     schedule = schedule or DiscreteSchedule()
     init = None if denoise >= 1.0 else init_latent.float().to(noise.device)
     t_start = max(denoise, 2.0 / schedule.N)
-    guided = cfg_denoiser(model, cond, uncond, mask, uncond_mask, cfg_scale)
+    guided = cfg_denoiser(model, cond, uncond, mask, uncond_mask, cfg_scale, batch=noise.shape[0])
     return SAMPLER_FNS[sampler](guided, noise.float(), schedule, steps, callback=callback, init=init,
                                 t_start=t_start, generator=generator)

@@ -108,8 +108,13 @@ def test_wrong_shapes_and_missing_keys_are_listed():
 
 
 def test_not_a_dimba_checkpoint(tmp_path):
-    with pytest.raises(DimbaLoadError, match="not a Dimba checkpoint"):
-        load_dimba({"conv.weight": torch.zeros(3)})
+    path = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"conv.weight": torch.zeros(3)}, str(path))
+    with pytest.raises(DimbaLoadError, match="not a Dimba checkpoint") as e:
+        load_dimba(path)
+    assert str(e.value).count(str(path)) == 1
     with pytest.raises(DimbaLoadError, match="no such file"):
         load_dimba(tmp_path / "missing.pt")
     with pytest.raises(DimbaLoadError, match="num_heads"):

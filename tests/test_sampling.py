@@ -136,3 +136,9 @@ def test_seeded_noise_is_deterministic():
     assert torch.equal(noise_like((2, 4, 8, 8), 42), noise_like((2, 4, 8, 8), 42))
     assert not torch.equal(noise_like((2, 4, 8, 8), 42), noise_like((2, 4, 8, 8), 43))
     assert torch.equal(noise_like((2, 4, 8, 8), 7), torch.randn(2, 4, 8, 8, generator=torch.manual_seed(7)))
+
+
+def test_batch_one_captions_broadcast_to_the_noise_batch():
+    y = torch.zeros(1, 4, 8)
+    out = sample(GaussianOracle(1.0), noise_like((3, 4, 4, 4), 0), y, y, mask=torch.ones(1, 4), steps=2)
+    assert out.shape == (3, 4, 4, 4)
