@@ -1,0 +1,230 @@
+"""Dimba inside ComfyUI: the MODEL wrapper, the DIMBA_T5 object and the pack's sampler (imports comfy)."""
+import functools
+
+import torch
+
+import comfy.conds
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.supported_models_base
+import latent_preview
+
+from ._dimba import core, dimba_core
+
+SCHEDULE = {"beta_schedule": "sqrt_linear", "linear_start": 1e-4, "linear_end": 0.02, "timesteps": 1000}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class FullLoadPatcher(comfy.model_patcher.ModelPatcher):
+    """A ModelPatcher that moves all weights at once: the wrapped layers are plain torch modules."""
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        return super().partially_load(device_to, self.model_size() + 1, force_patch_weights)
+
+    def partially_unload(self, device_to, memory_to_free=0, *args, **kwargs):
+        return 0  # ComfyUI then unloads the whole model
+
+
+class DimbaModelConfig(comfy.supported_models_base.BASE):
+    """ComfyUI model config: eps prediction, linear betas 1e-4..0.02 over 1000 steps, SDXL latents."""
+
+    unet_config = {"image_model": "dimba", "disable_unet_model_creation": True}
+    unet_extra_config = {}
+    sampling_settings = SCHEDULE
+    latent_format = comfy.latent_formats.SDXL
+    memory_usage_factor = 0.5
+    supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
+
+
+class DimbaDiffusion(dimba_core.Dimba):
+    """The Dimba network called the ComfyUI way: (x, t, context, attention_mask) -> eps (sigma channels dropped)."""
+
+    def forward(self, x, timesteps, context=None, attention_mask=None, control=None, transformer_options=None,
+                **kwargs):
+        return super().forward(x, timesteps, context, attention_mask)[:, : self.config.in_channels]
+
+    def full_output(self, x, timesteps, y, mask=None):
+        """The reference call (eps and learned-variance channels), as dimba_core.sample expects it."""
+        return dimba_core.Dimba.forward(self, x, timesteps, y, mask)
+
+
+class DimbaModel(comfy.model_base.BaseModel):
+    """A Dimba network as a ComfyUI BaseModel; reads the T5 embedding and attention mask from conditioning."""
+
+    def __init__(self, model_config, diffusion_model, device=None):
+        super().__init__(model_config, comfy.model_base.ModelType.EPS, device=device)
+        self.diffusion_model = diffusion_model
+
+    def extra_conds(self, **kwargs):
+        out = super().extra_conds(**kwargs)
+        context = kwargs.get("cross_attn", None)
+        if context is not None:
+            check_caption_width(context.shape[-1], self.diffusion_model.config)
+            mask = kwargs.get("attention_mask", None)
+            if mask is None or mask.shape[-1] != context.shape[1]:
+                mask = torch.ones(context.shape[:2], dtype=torch.long)  # no mask: every token is valid
+            out["c_crossattn"] = comfy.conds.CONDRegular(context)  # equal lengths batch; no repeat-padding
+            out["attention_mask"] = comfy.conds.CONDRegular(mask.reshape(mask.shape[0], -1).long())
+        return out
+
+
+def check_caption_width(width, config):
+    """Raise a clear error when text embeddings do not fit the model's caption projection."""
+    if width != config.caption_channels:
+        raise ValueError(f"the text embeddings are {width} wide but this Dimba model takes "
+                         f"{config.caption_channels} (caption_channels): use the T5 the model was trained "
+                         "with (T5 v1.1 XXL: 4096)")
+
+
+def pick_dtype(weight_dtype, stored, n_params, load_device):
+    """The weight dtype to run in: the user's choice or ComfyUI's, never one the device cannot compute in."""
+    if weight_dtype in DTYPES:
+        dtype = DTYPES[weight_dtype]
+    else:
+        dtype = mm.unet_dtype(model_params=n_params, supported_dtypes=DimbaModelConfig.supported_inference_dtypes,
+                              weight_dtype=stored)
+    return mm.unet_manual_cast(dtype, load_device, DimbaModelConfig.supported_inference_dtypes) or dtype
+
+
+def load_model(path, weight_dtype="default"):
+    """A Dimba checkpoint as a ComfyUI MODEL (ModelPatcher around a DimbaModel)."""
+    try:
+        net = dimba_core.load_dimba(path)
+    except dimba_core.DimbaLoadError as err:
+        raise ValueError(f"not a usable Dimba checkpoint: {err}") from None
+    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    n_params = sum(p.numel() for p in net.parameters())
+    dtype = pick_dtype(weight_dtype, net.dtype, n_params, load_device)
+    with torch.device("meta"):
+        diffusion = DimbaDiffusion(net.config)
+    diffusion.load_state_dict(net.state_dict(), assign=True)
+    diffusion = diffusion.to(device=offload_device, dtype=dtype).eval().requires_grad_(False)
+    config = DimbaModelConfig({**DimbaModelConfig.unet_config, **net.config.to_dict()})
+    config.set_inference_dtype(dtype, None)
+    model = DimbaModel(config, diffusion, device=offload_device)
+    return FullLoadPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def dimba_network(model):
+    """The DimbaDiffusion inside a MODEL, or a clear error for other models."""
+    net = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if not isinstance(net, DimbaDiffusion):
+        raise ValueError("DimbaSampler needs a MODEL from DimbaCheckpointLoader; use KSampler for other models")
+    return net
+
+
+class DimbaT5:
+    """DIMBA_T5: a dimba_core T5TextEncoder whose weights ComfyUI's memory manager moves."""
+
+    def __init__(self, encoder, load_device, offload_device):
+        self.encoder = encoder
+        holder = torch.nn.Module()
+        holder.t5 = encoder.model
+        self.patcher = FullLoadPatcher(holder, load_device=load_device, offload_device=offload_device)
+
+    @property
+    def hidden_size(self):
+        return self.encoder.hidden_size
+
+    def encode(self, text, max_length):
+        """[[emb 1 x L x C, {"attention_mask": 1 x L, "pooled_output": None}]] on the intermediate device."""
+        mm.load_models_gpu([self.patcher])
+        emb, mask = self.encoder.encode([text], max_length=max_length)
+        device = mm.intermediate_device()
+        return [[emb.float().to(device), {"attention_mask": mask.long().to(device), "pooled_output": None}]]
+
+
+def load_t5(path, device="default", dtype="default"):
+    """A T5 encoder folder or .safetensors file as DIMBA_T5."""
+    load_device = torch.device("cpu") if device == "cpu" else mm.text_encoder_device()
+    offload_device = mm.text_encoder_offload_device()
+    if dtype in DTYPES:
+        torch_dtype = DTYPES[dtype]
+    elif mm.is_device_cpu(load_device):
+        torch_dtype = torch.float32
+    else:
+        torch_dtype = mm.text_encoder_dtype(load_device)
+        if torch_dtype not in DTYPES.values():  # fp8 storage: compute T5 in half precision instead
+            torch_dtype = torch.bfloat16 if mm.should_use_bf16(load_device) else torch.float16
+    encoder = core("text").T5TextEncoder.from_pretrained(path, device=offload_device, dtype=torch_dtype)
+    return DimbaT5(encoder, load_device, offload_device)
+
+
+def _first(conditioning, name):
+    """(embedding, mask or None) of the first entry of a CONDITIONING."""
+    if not conditioning:
+        raise ValueError(f"{name} conditioning is empty; connect a DimbaT5TextEncode or CLIPTextEncode output")
+    emb, extra = conditioning[0][0], conditioning[0][1]
+    return emb, extra.get("attention_mask", None)
+
+
+def _pad(emb, mask, length):
+    """Zero-pad an embedding to `length` tokens and return it with its mask (1 = real token)."""
+    mask = torch.ones(emb.shape[:2], dtype=torch.long) if mask is None else mask.reshape(emb.shape[0], -1).long()
+    extra = length - emb.shape[1]
+    if extra > 0:
+        emb = torch.nn.functional.pad(emb, (0, 0, 0, extra))
+        mask = torch.nn.functional.pad(mask, (0, extra))
+    return emb, mask
+
+
+def captions(positive, negative, batch):
+    """cond, uncond, mask, uncond_mask for dimba_core.sample, repeated to the latent batch.
+
+    As in the reference, the prompt's mask also serves the uncond half when both have the same length
+    (uncond_mask None); otherwise both are zero-padded to one length and each keeps its own mask.
+    """
+    cond, mask = _first(positive, "positive")
+    uncond, u_mask = _first(negative, "negative")
+    if cond.shape[1] == uncond.shape[1] and mask is not None:
+        mask, u_mask = mask.reshape(cond.shape[0], -1), None
+    else:
+        length = max(cond.shape[1], uncond.shape[1])
+        cond, mask = _pad(cond, mask, length)
+        uncond, u_mask = _pad(uncond, u_mask, length)
+    return tuple(None if t is None else t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t
+                 for t in (cond, uncond, mask, u_mask))
+
+
+def sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_name, denoise=1.0):
+    """Run dimba_core.sample on ComfyUI's device with its progress bar, previews and cancel button.
+
+    Seeds as dimba_core.pipeline does (noise_like(shape, seed); iddpm's step noise from seed + 1), so a
+    seed gives the headless result.
+    """
+    net = dimba_network(model)
+    config = net.config
+    latent = latent_image["samples"]
+    if "noise_mask" in latent_image:
+        raise ValueError("DimbaSampler does not inpaint (the latent has a noise_mask): use KSampler with the "
+                         "Dimba MODEL for masked latents")
+    if latent.ndim != 4 or latent.shape[1] != config.in_channels:
+        raise ValueError(f"latent_image must be B x {config.in_channels} x H x W, got {tuple(latent.shape)}")
+    if latent.shape[-2] % config.patch_size or latent.shape[-1] % config.patch_size:
+        side = 8 * config.patch_size
+        raise ValueError(f"image width and height must be multiples of {side} px for this Dimba model, got "
+                         f"{latent.shape[-1] * 8} x {latent.shape[-2] * 8}: use DimbaResolutionSelect or "
+                         f"round EmptyLatentImage to a multiple of {side}")
+    cond, uncond, mask, u_mask = captions(positive, negative, latent.shape[0])
+    check_caption_width(cond.shape[-1], config)
+    check_caption_width(uncond.shape[-1], config)
+    scale = model.model.latent_format.scale_factor
+    noise = core("sampling").noise_like(latent.shape, seed)
+    mm.load_models_gpu([model], memory_required=model.memory_required([2 * latent.shape[0], *latent.shape[1:]]),
+                       minimum_memory_required=model.memory_required(list(latent.shape)))
+    device = model.load_device
+    preview = latent_preview.prepare_callback(model, steps)
+
+    def callback(step, total, x, denoised):
+        mm.throw_exception_if_processing_interrupted()
+        preview(step, denoised, x, total)
+
+    to = functools.partial(torch.Tensor.to, device=device)
+    out = dimba_core.sample(
+        functools.partial(DimbaDiffusion.full_output, net), to(noise), to(cond), to(uncond),
+        mask=to(mask), uncond_mask=None if u_mask is None else to(u_mask), steps=steps, cfg_scale=cfg,
+        sampler=sampler_name, generator=torch.Generator("cpu").manual_seed((seed + 1) % 2**64), callback=callback,
+        init_latent=to(latent.float() * scale) if denoise < 1.0 else None, denoise=denoise)
+    return {"samples": (out.float() / scale).to(mm.intermediate_device())}

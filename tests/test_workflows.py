@@ -1,0 +1,120 @@
+"""Headless tier for workflows/: every file parses and uses only existing nodes, inputs and outputs."""
+import json
+from pathlib import Path
+
+import pytest
+
+import nodes
+
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+API_FILES = sorted(WORKFLOWS.glob("*_api.json"))
+UI_FILES = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
+
+# The core ComfyUI nodes the workflows use: inputs (name -> type, widgets in UI order) and outputs.
+# Checked against a real ComfyUI's /object_info by tests/test_comfy_host.py.
+CORE_NODES = {
+    "EmptyLatentImage": ({"width": "INT", "height": "INT", "batch_size": "INT"}, ("LATENT",)),
+    "VAELoader": ({"vae_name": "COMBO"}, ("VAE",)),
+    "VAEDecode": ({"samples": "LATENT", "vae": "VAE"}, ("IMAGE",)),
+    "SaveImage": ({"images": "IMAGE", "filename_prefix": "STRING"}, ()),
+    "KSampler": ({"model": "MODEL", "seed": "INT", "steps": "INT", "cfg": "FLOAT", "sampler_name": "COMBO",
+                  "scheduler": "COMBO", "positive": "CONDITIONING", "negative": "CONDITIONING",
+                  "latent_image": "LATENT", "denoise": "FLOAT"}, ("LATENT",)),
+}
+WIDGETS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def node_types(class_type):
+    """(inputs {name: type}, required names, outputs, control_after_generate names) of a pack or core node."""
+    if class_type in nodes.NODE_CLASS_MAPPINGS:
+        cls = nodes.NODE_CLASS_MAPPINGS[class_type]
+        spec = cls.INPUT_TYPES()
+        merged = {**spec["required"], **spec.get("optional", {})}
+        inputs = {k: "COMBO" if isinstance(v[0], list) else v[0] for k, v in merged.items()}
+        control = {k for k, v in merged.items() if len(v) > 1 and v[1].get("control_after_generate")}
+        return inputs, set(spec["required"]), cls.RETURN_TYPES, control
+    if class_type in CORE_NODES:
+        inputs, outputs = CORE_NODES[class_type]
+        return inputs, set(inputs), outputs, {"seed"} & set(inputs)
+    raise AssertionError(f"unknown node type {class_type}: neither a pack node nor in CORE_NODES")
+
+
+def check_api_graph(graph):
+    assert any(n["class_type"] == "SaveImage" for n in graph.values())
+    for node_id, node in graph.items():
+        inputs, required, _, _ = node_types(node["class_type"])
+        given = node["inputs"]
+        assert set(given) <= set(inputs), f"node {node_id}: unknown inputs {set(given) - set(inputs)}"
+        assert required <= set(given), f"node {node_id}: missing inputs {required - set(given)}"
+        for name, value in given.items():
+            if isinstance(value, list):  # a link [source id, output index]
+                source = graph[value[0]]
+                out_type = node_types(source["class_type"])[2][value[1]]
+                assert out_type == inputs[name], f"node {node_id}.{name}: {out_type} linked to {inputs[name]}"
+            else:
+                assert inputs[name] in WIDGETS, f"node {node_id}.{name} needs a link, got {value!r}"
+        cls = nodes.NODE_CLASS_MAPPINGS.get(node["class_type"])
+        if cls is not None:  # static choices must be valid (model file names are checked by the host tier)
+            spec = {**cls.INPUT_TYPES()["required"], **cls.INPUT_TYPES().get("optional", {})}
+            for name, value in given.items():
+                choices = spec[name][0]
+                if isinstance(choices, list) and choices and not isinstance(value, list):
+                    assert value in choices, f"node {node_id}.{name}: {value!r} not in {choices}"
+
+
+@pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.name)
+def test_api_workflow(path):
+    check_api_graph(json.loads(path.read_text()))
+
+
+def test_expected_files():
+    names = {p.name for p in WORKFLOWS.glob("*.json")}
+    assert {"dimba_txt2img.json", "dimba_txt2img_api.json", "dimba_ksampler_api.json"} <= names
+    samplers = {n: {v["class_type"] for v in json.loads((WORKFLOWS / n).read_text()).values()}
+                for n in ("dimba_txt2img_api.json", "dimba_ksampler_api.json")}
+    assert "DimbaSampler" in samplers["dimba_txt2img_api.json"] and "KSampler" in samplers["dimba_ksampler_api.json"]
+    for found in samplers.values():
+        assert {"VAELoader", "VAEDecode", "SaveImage", "DimbaCheckpointLoader", "DimbaT5Loader"} <= found
+
+
+def ui_to_api(ui):
+    """Convert a UI-format workflow to API format, as the ComfyUI frontend does for the nodes used here."""
+    links = {link[0]: link for link in ui["links"]}
+    graph = {}
+    for node in ui["nodes"]:
+        inputs, _, _, control = node_types(node["type"])
+        values = list(node.get("widgets_values", []))
+        api_inputs = {}
+        for name, kind in inputs.items():
+            if kind in WIDGETS and values:
+                api_inputs[name] = values.pop(0)
+                if name in control:
+                    values.pop(0)  # "fixed" / "randomize" control value
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                link = links[slot["link"]]
+                assert link[3] == node["id"], f"link {link} does not end at node {node['id']}"
+                api_inputs[slot["name"]] = [str(link[1]), link[2]]  # a linked widget: the link wins
+        assert not values, f"node {node['id']} ({node['type']}) has unused widget values {values}"
+        graph[str(node["id"])] = {"class_type": node["type"], "inputs": api_inputs}
+    return graph
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.name)
+def test_ui_workflow(path):
+    ui = json.loads(path.read_text())
+    assert {"nodes", "links", "last_node_id", "last_link_id", "version"} <= set(ui)
+    ids = {n["id"] for n in ui["nodes"]}
+    for link_id, src, src_slot, dst, dst_slot, kind in ui["links"]:
+        assert src in ids and dst in ids
+        src_node = next(n for n in ui["nodes"] if n["id"] == src)
+        assert link_id in src_node["outputs"][src_slot]["links"] and src_node["outputs"][src_slot]["type"] == kind
+    check_api_graph(ui_to_api(ui))
+
+
+def test_ui_matches_api():
+    """The UI workflow is the same graph as dimba_txt2img_api.json."""
+    ui = ui_to_api(json.loads((WORKFLOWS / "dimba_txt2img.json").read_text()))
+    api = json.loads((WORKFLOWS / "dimba_txt2img_api.json").read_text())
+    strip = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+    assert ui == strip
