@@ -55,6 +55,8 @@ class BiMambaMixer(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         backend = ops.resolve_backend(self.backend, hidden.device)
         self.last_backend = backend
+        if backend == "triton":
+            return self._forward_fused(hidden)
         xz = self.in_proj(hidden).transpose(1, 2)  # b, 2d, L
         x, z = xz.chunk(2, dim=1)
         y = self._scan(x, z, "", backend)
@@ -72,6 +74,23 @@ class BiMambaMixer(nn.Module):
         return scan(x, delta.contiguous(), -torch.exp(_fp32(A_log)), B.transpose(1, 2).contiguous(),
                     C.transpose(1, 2).contiguous(), _fp32(D), z.contiguous(),
                     delta_bias=_fp32(dt_proj.bias), delta_softplus=True)
+
+    def _forward_fused(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Both directions without flips or transposed copies: one bidirectional conv and one fused scan launch."""
+        from .ops.triton_scan import bidirectional_conv1d_silu, bidirectional_selective_scan_triton
+
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # b, d, L views of (b, L, 2d)
+        x_f, x_b = bidirectional_conv1d_silu(x, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                             self.conv1d_b.weight.squeeze(1), self.conv1d_b.bias)
+        split = [self.dt_rank, self.d_state, self.d_state]
+        dt_f, B_f, C_f = self.x_proj(x_f.transpose(1, 2)).split(split, dim=-1)
+        dt_b, B_b, C_b = self.x_proj_b(x_b.transpose(1, 2)).split(split, dim=-1)
+        t = lambda v: v.transpose(1, 2)  # noqa: E731  (b, L, c) -> (b, c, L) view
+        y = bidirectional_selective_scan_triton(
+            x_f, x_b, t(F.linear(dt_f, self.dt_proj.weight)), t(F.linear(dt_b, self.dt_proj_b.weight)),
+            -torch.exp(_fp32(self.A_log)), -torch.exp(_fp32(self.A_b_log)), t(B_f), t(B_b), t(C_f), t(C_b),
+            _fp32(self.D), _fp32(self.D_b), z, _fp32(self.dt_proj.bias), _fp32(self.dt_proj_b.bias))
+        return self.out_proj(y.transpose(1, 2))
 
 
 class MambaBlock(nn.Module):

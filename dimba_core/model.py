@@ -179,7 +179,7 @@ class Dimba(nn.Module):
 
     @property
     def scan_backend(self) -> str:
-        """The scan backend setting of the Mamba mixers (`auto`, `cuda`, `torch` or `ref`)."""
+        """The scan backend setting of the Mamba mixers (`auto`, `cuda`, `torch`, `ref` or `triton`)."""
         return self.mamba_blocks[0].mixer.backend if len(self.mamba_blocks) else "none"
 
     def set_scan_backend(self, name: str) -> "Dimba":

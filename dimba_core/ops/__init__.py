@@ -1,13 +1,15 @@
-"""Scan backends for the Mamba mixer: `cuda` (mamba-ssm kernels), `torch` (pure PyTorch), `ref` (naive)."""
+"""Scan backends for the Mamba mixer: `cuda` (mamba-ssm kernels), `torch` (pure PyTorch), `ref` (naive),
+`triton` (fused bidirectional Triton kernels in .triton_scan, imported only when used; never picked by `auto`)."""
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 from .causal_conv1d import causal_conv1d_cuda, causal_conv1d_torch
 from .selective_scan import selective_scan_cuda, selective_scan_ref, selective_scan_torch
 
-BACKENDS = ("auto", "cuda", "torch", "ref")
+BACKENDS = ("auto", "cuda", "torch", "ref", "triton")
 SCANS = {"cuda": selective_scan_cuda, "torch": selective_scan_torch, "ref": selective_scan_ref}
 
 
@@ -35,6 +37,28 @@ def has_causal_conv1d() -> bool:
     return True
 
 
+@functools.cache
+def _triton_importable() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def has_triton() -> bool:
+    """Whether the `triton` backend can run: triton importable and a CUDA device (or TRITON_INTERPRET=1)."""
+    import torch
+
+    return _triton_importable() and (_triton_interpret() or torch.cuda.is_available())
+
+
 def check_backend(name: str) -> str:
     """Validate a backend name."""
     if name not in BACKENDS:
@@ -53,6 +77,11 @@ def resolve_backend(name: str, device) -> str:
             "scan backend 'cuda' needs CUDA tensors and the mamba-ssm package "
             "(pip install mamba-ssm causal-conv1d); use backend 'auto' or 'torch' instead"
         )
+    if name == "triton" and not (_triton_importable() and (on_cuda or _triton_interpret())):
+        raise RuntimeError(
+            "scan backend 'triton' needs the triton package (pip install triton) and CUDA tensors "
+            "(or TRITON_INTERPRET=1 set before triton is imported, for CPU tests); use 'auto' or 'torch' instead"
+        )
     return name
 
 
@@ -63,5 +92,5 @@ def causal_conv1d(x, weight, bias, backend: str):
     return causal_conv1d_torch(x, weight, bias)
 
 
-__all__ = ["BACKENDS", "SCANS", "causal_conv1d", "check_backend", "has_mamba_ssm", "resolve_backend",
+__all__ = ["BACKENDS", "SCANS", "causal_conv1d", "check_backend", "has_mamba_ssm", "has_triton", "resolve_backend",
            "selective_scan_cuda", "selective_scan_ref", "selective_scan_torch"]

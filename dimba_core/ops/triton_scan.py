@@ -1,0 +1,323 @@
+"""Fused bidirectional selective scan and bidirectional depthwise conv in Triton (scan backend "triton").
+
+The Dimba mixer runs Mamba's S6 scan twice per block: left to right on (x_f, delta_f, B_f, C_f) and right
+to left on (x_b, delta_b, B_b, C_b), both gated by the same silu(z). The reference does the second one on
+flipped copies with a second kernel; here one launch does both by indexing, with no flips or copies.
+Per direction (all math in float32, inputs fp32/fp16/bf16, output in x's dtype):
+    delta' = softplus(delta + delta_bias)        (torch's threshold: v if v > 20)
+    h_l = exp(delta'_l A) h_{l-1} + delta'_l B_l x_l,    y_l = C_l . h_l + D x_l
+    out = (y_fwd + y_bwd) * silu(z)
+
+Layout: x, delta, z, out: (batch, d, L); B, C: (batch, n, L); A: (d, n); D, delta_bias: (d,). Any strides
+are accepted (x_f/x_b, delta_f/delta_b, B/C pairs must share theirs), so the mixer passes the channels-last
+views its linears produce ((batch, L, d) memory) without a single transpose copy.
+
+Scan kernel design. One program owns (batch b, BLOCK_D channels) for both directions, so the whole
+sequence of its channels is sequential work but there are batch * d / BLOCK_D independent programs
+(2 * 2304 / 8 = 576 at Dimba-L size, default BLOCK_D 8). The state h (BLOCK_D, n) stays in registers.
+The sequence is walked in chunks of BLOCK_L steps: a chunk's (BLOCK_D, BLOCK_L) tiles of x, delta (and z) and
+(BLOCK_L, n) tiles of B, C are loaded in one coalesced go, the recurrence inside the chunk is a parallel
+`tl.associative_scan` over (decay, input) pairs with (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2), the carried
+state enters as h_t = Acum_t h + Bcum_t, and the chunk's last h is carried on. Pass 1 runs right to left
+(chunks taken from the end, positions indexed L-1-t) and stores the ungated y_bwd into `out`; after a
+barrier pass 2 runs left to right, reads it back, adds y_fwd and stores (y_fwd + y_bwd) * silu(z). Each
+out element is written and read by the same program only, so no cross-program synchronisation.
+
+Cost at L = 16384, d = 2304, n = 16, batch 2 (b*d*L = 75.5M elements, bf16 = 151 MB a tensor):
+  exp2: b*d*L*n per direction = 1.21G, 2.42G for both (+ 2 x 75.5M exp/log/div for the softplus);
+  FLOPs per (b, d, l, n) per direction: decay mul, input mul, carry FMA (2), C.h FMA (2), carry select
+  (1-2), plus 3 per combine of the scan (one in-thread, then one per cross-lane level, log2 of the lanes
+  on the L axis, <= 4 at BLOCK_L 16) -> 10-25, i.e. 25-60 GFLOP fp32 for both directions;
+  DRAM bytes: read x_f, x_b, delta_f, delta_b, z (5 x 151 MB), write y_bwd, read it back, write out
+  (3 x 151 MB) -> about 1.2 GB; B, C are 4 x 1 MB, re-read by each d-block from L2 (about 1.2 GB of L2
+  traffic at BLOCK_D 8). That is 0.36 ms at an H100's 3.35 TB/s, 0.25 ms at an H200's 4.8 TB/s.
+  The kernel should therefore be bound by exp2 (MUFU ~16/clk/SM: ~4.2T/s on 132 SMs -> ~0.6 ms) and
+  FMA issue (~0.4-0.9 ms at ~67 TFLOP/s), i.e. ~0.6-1.2 ms, against mamba-ssm's 2 x 1.6 ms plus
+  ~0.55 ms of flips per mixer measured in shared/PERF.md (H200, fp16).
+  Writing y_bwd once in the output dtype and reading it back costs 2 x 151 MB but needs no float32
+  scratch buffer; for bf16 it rounds y_bwd once more (the reference model sums two bf16 outputs as well).
+
+Register pressure (ptxas for sm_90a, compiled on a CPU box, bf16 and fp32 alike): the chunk's
+(BLOCK_D, BLOCK_L, n) tiles dominate. BLOCK_D x BLOCK_L x n / threads = 16 elements a thread gives 96
+registers and no spills (defaults BLOCK_D 8, BLOCK_L 16, 4 warps: 5 programs an SM by registers, so the
+576 programs at Dimba-L batch 2 fit one wave on 132 SMs); 32 a thread gives 128 (8x32 or 4x64 at 8 warps);
+64 a thread hits the 255 cap (16x32 at 4 warps), 128 spills (32x32 at 8 warps). Tune on the GPU.
+
+The depthwise conv kernel computes both directions' SiLU(conv + bias) from one read of x: the forward
+taps x[l-W+1..l] with w_f, the backward taps x[l..l+W-1] with w_b reversed (what a causal conv on the
+flipped sequence computes, flipped back).
+
+Triton is imported when this module is; dimba_core.ops imports it only for the "triton" backend. Under
+TRITON_INTERPRET=1 (set before this module is imported) the kernels run on CPU tensors for tests.
+"""
+from __future__ import annotations
+
+import torch
+
+from .causal_conv1d import causal_conv1d_torch
+from .selective_scan import selective_scan_ref
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the "triton" backend reports itself unavailable
+    triton = None
+
+LOG2E = 1.4426950408889634
+
+if triton is not None:
+
+    @triton.jit
+    def _ssm_combine(a_l, b_l, a_r, b_r):
+        """(a_l, b_l) then (a_r, b_r): h -> a_r (a_l h + b_l) + b_r."""
+        return a_l * a_r, a_r * b_l + b_r
+
+    @triton.jit
+    def _softplus(v):
+        """torch's softplus (threshold 20); log1p(t) = log(u) t / (u - 1) with u = 1 + t, exact when u == 1."""
+        t = tl.exp(tl.minimum(v, 20.0))
+        u = 1.0 + t
+        log1p = tl.where(u == 1.0, t, tl.log(u) * t / (u - 1.0))
+        return tl.where(v > 20.0, v, log1p)
+
+    @triton.jit
+    def _scan_pass(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, out_ptr, pid_b, offs_d, mask_d, L,
+                   sx_b, sx_d, sx_l, sdt_b, sdt_d, sdt_l, sbc_b, sbc_n, sbc_l, sz_b, sz_d, sz_l, so_b, so_d, so_l,
+                   N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+                   REVERSE: tl.constexpr, FINAL: tl.constexpr):
+        """One direction over the whole sequence; FINAL adds the stored other direction and gates by silu(z)."""
+        offs_n = tl.arange(0, N)
+        offs_t = tl.arange(0, BLOCK_L)  # step inside a chunk, in scan order
+        A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_d[:, None], other=0.0)
+        A = A.to(tl.float32) * 1.4426950408889634  # exp(delta A) = exp2(delta A log2 e)
+        D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        x_row = x_ptr + pid_b * sx_b + offs_d[:, None] * sx_d
+        dt_row = dt_ptr + pid_b * sdt_b + offs_d[:, None] * sdt_d
+        z_row = z_ptr + pid_b * sz_b + offs_d[:, None] * sz_d
+        o_row = out_ptr + pid_b * so_b + offs_d[:, None] * so_d
+        B_row = B_ptr + pid_b * sbc_b + offs_n[None, :] * sbc_n
+        C_row = C_ptr + pid_b * sbc_b + offs_n[None, :] * sbc_n
+        h = tl.zeros((BLOCK_D, N), dtype=tl.float32)
+        for start in range(0, L, BLOCK_L):
+            t = start + offs_t
+            mask_t = t < L
+            if REVERSE:
+                pos = L - 1 - t
+            else:
+                pos = t
+            m2 = mask_d[:, None] & mask_t[None, :]
+            x = tl.load(x_row + pos[None, :] * sx_l, mask=m2, other=0.0).to(tl.float32)
+            dt = tl.load(dt_row + pos[None, :] * sdt_l, mask=m2, other=0.0).to(tl.float32)
+            dt = tl.where(m2, _softplus(dt + bias[:, None]), 0.0)  # padded steps: decay 1, input 0
+            Bt = tl.load(B_row + pos[:, None] * sbc_l, mask=mask_t[:, None], other=0.0).to(tl.float32)
+            Ct = tl.load(C_row + pos[:, None] * sbc_l, mask=mask_t[:, None], other=0.0).to(tl.float32)
+            decay = tl.exp2(dt[:, :, None] * A[:, None, :])  # (BLOCK_D, BLOCK_L, N)
+            inp = (dt * x)[:, :, None] * Bt[None, :, :]
+            acc_a, acc_b = tl.associative_scan((decay, inp), axis=1, combine_fn=_ssm_combine)
+            hs = acc_a * h[:, None, :] + acc_b
+            y = tl.sum(hs * Ct[None, :, :], axis=2) + D[:, None] * x
+            h = tl.sum(tl.where(offs_t[None, :, None] == BLOCK_L - 1, hs, 0.0), axis=1)
+            o_ptrs = o_row + pos[None, :] * so_l
+            if FINAL:
+                z = tl.load(z_row + pos[None, :] * sz_l, mask=m2, other=0.0).to(tl.float32)
+                y = (y + tl.load(o_ptrs, mask=m2, other=0.0).to(tl.float32)) * z * tl.sigmoid(z)
+            tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m2)
+
+    @triton.jit
+    def _bidir_scan_kernel(xf_ptr, xb_ptr, dtf_ptr, dtb_ptr, Af_ptr, Ab_ptr, Bf_ptr, Bb_ptr, Cf_ptr, Cb_ptr,
+                           Df_ptr, Db_ptr, biasf_ptr, biasb_ptr, z_ptr, out_ptr, d, L,
+                           sx_b, sx_d, sx_l, sdt_b, sdt_d, sdt_l, sbc_b, sbc_n, sbc_l,
+                           sz_b, sz_d, sz_l, so_b, so_d, so_l,
+                           N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+        pid_b = tl.program_id(0).to(tl.int64)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < d
+        _scan_pass(xb_ptr, dtb_ptr, Ab_ptr, Bb_ptr, Cb_ptr, Db_ptr, biasb_ptr, z_ptr, out_ptr, pid_b, offs_d, mask_d,
+                   L, sx_b, sx_d, sx_l, sdt_b, sdt_d, sdt_l, sbc_b, sbc_n, sbc_l, sz_b, sz_d, sz_l, so_b, so_d, so_l,
+                   N, BLOCK_D, BLOCK_L, True, False)
+        tl.debug_barrier()  # pass 2 reads what other threads of this program stored in pass 1
+        _scan_pass(xf_ptr, dtf_ptr, Af_ptr, Bf_ptr, Cf_ptr, Df_ptr, biasf_ptr, z_ptr, out_ptr, pid_b, offs_d, mask_d,
+                   L, sx_b, sx_d, sx_l, sdt_b, sdt_d, sdt_l, sbc_b, sbc_n, sbc_l, sz_b, sz_d, sz_l, so_b, so_d, so_l,
+                   N, BLOCK_D, BLOCK_L, False, True)
+
+    @triton.jit
+    def _bidir_conv_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, of_ptr, ob_ptr, d, L,
+                           sx_b, sx_d, sx_l, so_b, so_d, so_l,
+                           W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+        pid_b = tl.program_id(0).to(tl.int64)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+        mask_d = offs_d < d
+        acc_f = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+        acc_f += tl.load(bf_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+        acc_b = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+        acc_b += tl.load(bb_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+        x_row = x_ptr + pid_b * sx_b + offs_d[:, None] * sx_d
+        for s in tl.static_range(2 * W - 1):  # x[l + s - W + 1]: forward taps s <= W-1, backward taps s >= W-1
+            pos = offs_l + (s - (W - 1))
+            m = mask_d[:, None] & ((pos >= 0) & (pos < L))[None, :]
+            x = tl.load(x_row + pos[None, :] * sx_l, mask=m, other=0.0).to(tl.float32)
+            if s <= W - 1:
+                acc_f += tl.load(wf_ptr + offs_d * W + s, mask=mask_d, other=0.0).to(tl.float32)[:, None] * x
+            if s >= W - 1:
+                w = tl.load(wb_ptr + offs_d * W + (2 * W - 2 - s), mask=mask_d, other=0.0)
+                acc_b += w.to(tl.float32)[:, None] * x
+        m_out = mask_d[:, None] & (offs_l < L)[None, :]
+        o_off = pid_b * so_b + offs_d[:, None] * so_d + offs_l[None, :] * so_l
+        tl.store(of_ptr + o_off, (acc_f * tl.sigmoid(acc_f)).to(of_ptr.dtype.element_ty), mask=m_out)
+        tl.store(ob_ptr + o_off, (acc_b * tl.sigmoid(acc_b)).to(ob_ptr.dtype.element_ty), mask=m_out)
+
+
+def _require_triton():
+    if triton is None:
+        raise RuntimeError("the 'triton' scan backend needs the triton package (pip install triton)")
+
+
+def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
+    """A new dense (batch, d, L) tensor: channels-last memory when x is a channels-last view, else contiguous."""
+    b, d, L = x.shape
+    if x.stride(1) < x.stride(2):
+        return x.new_empty(b, L, d).transpose(1, 2)
+    return x.new_empty(b, d, L)
+
+
+def _pair(a: torch.Tensor, b: torch.Tensor):
+    """Two tensors with one shared set of strides (contiguous copies only if theirs differ)."""
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch between directions: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return (a, b) if a.stride() == b.stride() else (a.contiguous(), b.contiguous())
+
+
+def bidirectional_selective_scan_triton(x_f, x_b, delta_f, delta_b, A_f, A_b, B_f, B_b, C_f, C_b, D_f, D_b, z,
+                                        delta_bias_f, delta_bias_b, *, block_d: int = 8, block_l: int = 16,
+                                        num_warps: int = 4):
+    """(scan_fwd(x_f, ...) + scan_bwd(x_b, ...)) * silu(z) in one launch; returns (batch, d, L) in x_f's dtype."""
+    _require_triton()
+    batch, d, L = x_f.shape
+    n = A_f.shape[1]
+    assert n & (n - 1) == 0, f"d_state must be a power of 2, got {n}"
+    assert block_d & (block_d - 1) == 0 and block_l & (block_l - 1) == 0, "block sizes must be powers of 2"
+    x_f, x_b = _pair(x_f, x_b)
+    delta_f, delta_b = _pair(delta_f, delta_b)
+    B_f, B_b = _pair(B_f, B_b)
+    C_f, C_b = _pair(C_f, C_b)
+    if B_f.stride() != C_f.stride():
+        B_f, B_b, C_f, C_b = (t.contiguous() for t in (B_f, B_b, C_f, C_b))
+    assert delta_f.shape == z.shape == x_f.shape and B_f.shape == C_f.shape == (batch, n, L)
+    assert A_f.shape == A_b.shape == (d, n) and D_f.shape == D_b.shape == (d,)
+    A_f, A_b, D_f, D_b, delta_bias_f, delta_bias_b = (
+        t.float().contiguous() for t in (A_f, A_b, D_f, D_b, delta_bias_f, delta_bias_b))
+    out = _empty_like_layout(x_f)
+    if out.numel() == 0:
+        return out
+    grid = (batch, triton.cdiv(d, block_d))
+    _bidir_scan_kernel[grid](x_f, x_b, delta_f, delta_b, A_f, A_b, B_f, B_b, C_f, C_b, D_f, D_b,
+                             delta_bias_f, delta_bias_b, z, out, d, L, *x_f.stride(), *delta_f.stride(),
+                             *B_f.stride(), *z.stride(), *out.stride(),
+                             N=n, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=num_warps)
+    return out
+
+
+def bidirectional_conv1d_silu(x, w_f, b_f, w_b, b_b, *, block_d: int = 32, block_l: int = 32):
+    """SiLU(causal depthwise conv(x, w_f) + b_f) and SiLU(anti-causal conv(x, w_b) + b_b), both (batch, d, L).
+
+    w_f, w_b: (d, width). The anti-causal one is the causal conv of the flipped sequence, flipped back:
+    position l sees x[l..l+width-1] with w_b[width-1..0]. Outputs keep x's layout kind (channels-last or not).
+    """
+    _require_triton()
+    batch, d, L = x.shape
+    width = w_f.shape[-1]
+    x_f, x_b = _empty_like_layout(x), _empty_like_layout(x)
+    if x.numel() == 0:
+        return x_f, x_b
+    zeros = None if b_f is not None and b_b is not None else x.new_zeros(d, dtype=torch.float32)
+    grid = (batch, triton.cdiv(d, block_d), triton.cdiv(L, block_l))
+    _bidir_conv_kernel[grid](x, w_f.contiguous(), zeros if b_f is None else b_f, w_b.contiguous(),
+                             zeros if b_b is None else b_b, x_f, x_b, d, L, *x.stride(), *x_f.stride(),
+                             W=width, BLOCK_D=block_d, BLOCK_L=block_l)
+    return x_f, x_b
+
+
+def bidirectional_conv1d_silu_ref(x, w_f, b_f, w_b, b_b):
+    """The PyTorch twin of bidirectional_conv1d_silu: the mixer's causal conv, and the same on flipped x."""
+    return causal_conv1d_torch(x, w_f, b_f), causal_conv1d_torch(x.flip(-1), w_b, b_b).flip(-1)
+
+
+def bidirectional_scan_ref(x_f, x_b, delta_f, delta_b, A_f, A_b, B_f, B_b, C_f, C_b, D_f, D_b, z,
+                           delta_bias_f, delta_bias_b):
+    """The naive twin: selective_scan_ref forward, plus selective_scan_ref on flipped copies flipped back."""
+    y_f = selective_scan_ref(x_f, delta_f, A_f, B_f, C_f, D_f, z, delta_bias_f, delta_softplus=True)
+    y_b = selective_scan_ref(x_b.flip(-1), delta_b.flip(-1), A_b, B_b.flip(-1), C_b.flip(-1), D_b, z.flip(-1),
+                             delta_bias_b, delta_softplus=True)
+    return y_f + y_b.flip(-1)
+
+
+
+def _benchmark(argv=None):
+    """GPU check and timing at Dimba-L mixer size (d 2304, n 16, batch 2): every block config against a
+    float32 PyTorch reference, then mamba-ssm's kernel run twice on flipped copies (when installed)."""
+    import argparse
+    import time
+
+    from . import has_mamba_ssm, selective_scan_cuda, selective_scan_torch
+
+    p = argparse.ArgumentParser(prog="python -m dimba_core.ops.triton_scan", description=_benchmark.__doc__)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--configs", nargs="+", default=["8x16x4", "4x32x4", "8x32x8", "16x16x8", "4x16x2", "16x32x4"],
+                   help="BLOCK_DxBLOCK_Lxnum_warps")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--d", type=int, default=2304)
+    p.add_argument("--device", default="cuda", help="cpu: a smoke test under TRITON_INTERPRET=1 (use a small --d)")
+    a = p.parse_args(argv)
+    dtype, dev, (b, d, n) = getattr(torch, a.dtype), torch.device(a.device), (2, a.d, 16)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def median_ms(fn, warmup=2, repeats=5):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(1e3 * (time.perf_counter() - start))
+        return sorted(times)[len(times) // 2]
+
+    def two_scans(scan, k):  # forward + backward on flipped copies, flipped back: the reference model's way
+        dirs = [[k[name + s] for name in ("x_", "delta_", "A_", "B_", "C_", "D_", "delta_bias_")] for s in "fb"]
+        fl = lambda t: t.flip(-1)  # noqa: E731
+        x, delta, A, B, C, D, bias = dirs[1]
+        y_b = scan(fl(x), fl(delta), A, fl(B), fl(C), D, fl(k["z"]), delta_bias=bias, delta_softplus=True)
+        x, delta, A, B, C, D, bias = dirs[0]
+        return scan(x, delta, A, B, C, D, k["z"], delta_bias=bias, delta_softplus=True) + fl(y_b)
+
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (interpreter)"
+    print(f"{name}, torch {torch.__version__}, triton {triton.__version__}, {dtype}, b {b} d {d} n {n}")
+    for L in a.lengths:
+        g = torch.Generator(device=dev).manual_seed(L)
+        r = lambda *s: torch.randn(*s, device=dev, generator=g)  # noqa: E731
+        kw = dict(x_f=r(b, d, L), x_b=r(b, d, L), delta_f=0.5 * r(b, d, L), delta_b=0.5 * r(b, d, L),
+                  A_f=-torch.exp(r(d, n)), A_b=-torch.exp(r(d, n)), B_f=r(b, n, L), B_b=r(b, n, L),
+                  C_f=r(b, n, L), C_b=r(b, n, L), D_f=r(d), D_b=r(d), z=r(b, d, L),
+                  delta_bias_f=0.5 * r(d), delta_bias_b=0.5 * r(d))
+        kw = {k: v.to(dtype) if v.dim() == 3 else v for k, v in kw.items()}
+        ref = two_scans(selective_scan_torch, {k: v.float() for k, v in kw.items()})
+        moved = 8 * b * d * L * kw["x_f"].element_size()  # 5 reads, y_bwd write + read back, out write
+        for cfg in a.configs:
+            bd, bl, nw = (int(v) for v in cfg.split("x"))
+            run = lambda: bidirectional_selective_scan_triton(  # noqa: E731
+                **kw, block_d=bd, block_l=bl, num_warps=nw)
+            err = ((run().float() - ref).norm() / ref.norm()).item()
+            t = median_ms(run)
+            print(f"L={L:6d} triton {cfg:8s} {t:9.3f} ms {moved / t / 1e6:6.0f} GB/s  rel err {err:.2e}",
+                  flush=True)
+        if dev.type == "cuda" and has_mamba_ssm():
+            run = lambda: two_scans(selective_scan_cuda, kw)  # noqa: E731
+            err = ((run().float() - ref).norm() / ref.norm()).item()
+            print(f"L={L:6d} mamba-ssm x2 + flips {median_ms(run):9.3f} ms  rel err {err:.2e}", flush=True)
+
+
+if __name__ == "__main__":
+    _benchmark()
