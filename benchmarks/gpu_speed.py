@@ -4,7 +4,7 @@
 
 One CUDA device, one process, random weights, batch 2 (a CFG pair), 300-token captions with 120 valid,
 CUDA events, median of 5 after 2 warm-ups. Rows: the model as users get it (scan backend `auto`), the
-same model with every Mamba block skipped, and the `torch` scan backend (512 px only: its per-step loop
+same model with every Mamba block skipped, the fused `triton` backend, and the `torch` scan backend (512 px only: its per-step loop
 is a CPU path); then the scan alone at L = 1024/4096/16384 for our fastest path and for two calls of
 mamba-ssm's selective_scan_fn on flipped copies. Prints ms, ratios, GB/s and peak activation memory.
 """
@@ -15,7 +15,7 @@ import statistics
 import torch
 
 from dimba_core import Dimba, dimba_l_2
-from dimba_core.ops import SCANS, has_mamba_ssm
+from dimba_core.ops import SCANS, has_mamba_ssm, has_triton
 
 
 def cuda_ms(fn, warmup=2, repeats=5):
@@ -54,6 +54,8 @@ def model_rows(sizes, dtypes):
             mask[:, :120] = 1
             t = torch.tensor([500.0, 500.0], device="cuda")
             variants = [("dimba", "auto", True), ("attention_only", "auto", False)]
+            if has_triton():
+                variants.append(("dimba_triton", "triton", True))
             if px == 512:
                 variants.append(("dimba_torch_scan", "torch", True))
             for name, backend, mamba in variants:
