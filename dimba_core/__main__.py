@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, help="image width in px, multiple of 16")
     gen.add_argument("--height", type=int, help="image height in px, multiple of 16")
     gen.add_argument("--ar", help="aspect ratio h:w, snapped to the reference buckets")
-    gen.add_argument("--steps", type=int, help="sampling steps (default: dpmpp_2m 20, ddim 50, euler 30, iddpm 100)")
+    gen.add_argument("--steps", type=int, help="sampling steps (default: dpmpp_2m 20, ddim 50, euler 30, iddpm 100, sa_solver 25)")
     gen.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale")
     gen.add_argument("--sampler", default="dpmpp_2m", choices=SAMPLERS)
     gen.add_argument("--seed", type=int, default=0)

@@ -20,7 +20,7 @@ class DimbaSampler:
             "cfg": ("FLOAT", {"default": 4.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                               "tooltip": "Classifier-free guidance scale (1 disables guidance)."}),
             "sampler_name": (SAMPLER_NAMES, {"default": "dpmpp_2m", "tooltip": "The paper's samplers: "
-                             "dpmpp_2m (DPM-Solver++), ddim, iddpm (learned variance), euler."}),
+                             "dpmpp_2m (DPM-Solver++), ddim, iddpm (learned variance), euler, sa_solver (SA-Solver, stochastic)."}),
         }, "optional": {
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
                                   "tooltip": "1 = text-to-image; lower keeps more of latent_image (img2img)."}),
