@@ -14,38 +14,29 @@ SCANS = {"cuda": selective_scan_cuda, "torch": selective_scan_torch, "ref": sele
 
 
 @functools.cache
+def _importable(module: str) -> bool:
+    """Whether `module` imports cleanly; a broken or mismatched build counts as absent (fall back to PyTorch)."""
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        return False
+    try:
+        importlib.import_module(module)
+    except Exception:
+        return False
+    return True
+
+
 def has_mamba_ssm() -> bool:
     """Whether mamba-ssm's selective-scan kernel can be imported."""
-    if importlib.util.find_spec("mamba_ssm") is None:
-        return False
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401
-    except Exception:  # a broken or mismatched build: fall back to PyTorch
-        return False
-    return True
+    return _importable("mamba_ssm.ops.selective_scan_interface")
 
 
-@functools.cache
 def has_causal_conv1d() -> bool:
     """Whether causal-conv1d's kernel can be imported."""
-    if importlib.util.find_spec("causal_conv1d") is None:
-        return False
-    try:
-        from causal_conv1d import causal_conv1d_fn  # noqa: F401
-    except Exception:
-        return False
-    return True
+    return _importable("causal_conv1d")
 
 
-@functools.cache
 def _triton_importable() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+    return _importable("triton.language")
 
 
 def _triton_interpret() -> bool:
