@@ -23,11 +23,11 @@ def native_resolution(model) -> int:
     return model.config.base_size * model.config.patch_size * 8
 
 
-def check_caption_width(model, text_encoder) -> None:
-    """The T5 width must equal the model's caption channels (4096 for T5-XXL)."""
-    if text_encoder.hidden_size != model.config.caption_channels:
-        raise ValueError(f"the text encoder outputs {text_encoder.hidden_size} features but the Dimba model expects "
-                         f"{model.config.caption_channels}; load the T5 v1.1 XXL encoder the checkpoint was trained with")
+def check_caption_width(width: int, config) -> None:
+    """Text features must be as wide as the model's caption channels (4096: T5 v1.1 XXL)."""
+    if width != config.caption_channels:
+        raise ValueError(f"the text embeddings are {width} wide but this Dimba model takes {config.caption_channels} "
+                         "(caption_channels): use the T5 the model was trained with (T5 v1.1 XXL: 4096)")
 
 
 @dataclass
@@ -44,7 +44,7 @@ class DimbaPipeline:
     """Dimba + T5 + VAE; the text encoder may stay on the CPU while the denoiser runs on the GPU."""
 
     def __init__(self, model, text_encoder, vae, device=None):
-        check_caption_width(model, text_encoder)
+        check_caption_width(text_encoder.hidden_size, model.config)
         self.model, self.text_encoder, self.vae = model, text_encoder, vae
         self.device = torch.device(device) if device else next(model.parameters()).device
 
@@ -72,10 +72,9 @@ class DimbaPipeline:
             height, width = size
         width, height = width or base, height or base
         check_size(width, height)
-        cond, mask = self.text_encoder.encode([prompt] * batch)
-        uncond, _ = self.text_encoder.encode([negative] * batch)
-        model_dtype = next(self.model.parameters()).dtype
-        cond, uncond = (t.to(self.device, model_dtype) for t in (cond, uncond))
+        cond, mask = self.text_encoder.encode([prompt])  # batch 1: sample() broadcasts it to the noise batch
+        uncond, _ = self.text_encoder.encode([negative])
+        cond, uncond = (t.to(self.device, self.model.dtype) for t in (cond, uncond))
         noise = noise_like((batch, self.model.config.in_channels, height // 8, width // 8), seed, self.device)
         generator = torch.Generator("cpu").manual_seed(seed + 1)
         latents = sample(self.model, noise, cond, uncond, mask=mask.to(self.device), steps=steps,

@@ -13,6 +13,8 @@ import latent_preview
 
 from ._dimba import core, dimba_core
 
+check_caption_width = core("pipeline").check_caption_width
+
 SCHEDULE = {"beta_schedule": "sqrt_linear", "linear_start": 1e-4, "linear_end": 0.02, "timesteps": 1000}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -68,14 +70,6 @@ class DimbaModel(comfy.model_base.BaseModel):
             out["c_crossattn"] = comfy.conds.CONDRegular(context)  # equal lengths batch; no repeat-padding
             out["attention_mask"] = comfy.conds.CONDRegular(mask.reshape(mask.shape[0], -1).long())
         return out
-
-
-def check_caption_width(width, config):
-    """Raise a clear error when text embeddings do not fit the model's caption projection."""
-    if width != config.caption_channels:
-        raise ValueError(f"the text embeddings are {width} wide but this Dimba model takes "
-                         f"{config.caption_channels} (caption_channels): use the T5 the model was trained "
-                         "with (T5 v1.1 XXL: 4096)")
 
 
 def pick_dtype(weight_dtype, stored, n_params, load_device):
