@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import shutil
 import warnings
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
 MAX_LENGTH = 300
-T5_VOCAB_SIZE = 32128
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
 ANCHOR_KEY = "encoder.block.0.layer.0.SelfAttention.q.weight"
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 QUANT_EXTRA = (".scale_input", ".input_scale", ".comfy_quant")
@@ -258,37 +254,5 @@ class T5TextEncoder:
         return emb.to(self.dtype), mask
 
 
-def save_tiny_t5(out_dir, tokenizer_dir, *, d_model=64, num_layers=2, num_heads=4, d_ff=128, seed=0):
-    """Write a small random T5 v1.1-family encoder folder (config, model.safetensors, tokenizer)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if d_model % num_heads:
-        raise ValueError(f"d_model {d_model} must be a multiple of num_heads {num_heads}")
-    config = T5Config(
-        vocab_size=T5_VOCAB_SIZE, d_model=d_model, d_kv=d_model // num_heads, d_ff=d_ff,
-        num_layers=num_layers, num_heads=num_heads, feed_forward_proj="gated-gelu",
-        dense_act_fn="gelu_pytorch_tanh", is_encoder_decoder=False, use_cache=False)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        model = T5EncoderModel(config)
-    state = {}
-    for key, ref in model.state_dict().items():
-        if key == "encoder.embed_tokens.weight":
-            continue
-        if key.endswith("layer_norm.weight"):
-            state[key] = 1 + 0.1 * torch.randn(ref.shape, generator=gen)
-        else:
-            fan_in = ref.shape[-1] if not key.endswith(("shared.weight", "relative_attention_bias.weight")) else 1
-            state[key] = torch.randn(ref.shape, generator=gen) / fan_in ** 0.5
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"),
-              metadata={"format": "pt"})
-    config.architectures = ["T5EncoderModel"]
-    config.to_json_file(str(out_dir / "config.json"))
-    for name in TOKENIZER_FILES:
-        if (Path(tokenizer_dir) / name).is_file():
-            shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
-    return out_dir
-
-
-__all__ = ["T5TextEncoder", "save_tiny_t5", "load_tokenizer", "tokenize", "find_tokenizer_dir",
+__all__ = ["T5TextEncoder", "load_tokenizer", "tokenize", "find_tokenizer_dir",
            "comfy_tokenizer_dir", "read_t5_file", "MAX_LENGTH"]

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dimba_core import text
-from dimba_core.text import T5TextEncoder, load_tokenizer, save_tiny_t5, tokenize
+from dimba_core.text import T5TextEncoder, load_tokenizer, tokenize
+from dimba_core.tiny_assets import write_tiny_t5
 
 PROMPTS = ["a photo of a cat", ""]
 CAT_IDS = [3, 9, 1202, 13, 3, 9, 1712, 1]
@@ -30,7 +31,7 @@ def tokenizer(t5_dir):
 @pytest.fixture(scope="module")
 def tiny(t5_dir, tmp_path_factory):
     """A tiny random T5 folder whose weights are exactly representable in float16, and its weights."""
-    folder = save_tiny_t5(tmp_path_factory.mktemp("tiny_t5"), t5_dir)
+    folder = write_tiny_t5(tmp_path_factory.mktemp("tiny_t5"), tokenizer=t5_dir)
     weights = {k: v.half().float() for k, v in load_file(folder / "model.safetensors").items()}
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder, weights
