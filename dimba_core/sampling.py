@@ -273,33 +273,93 @@ SAMPLER_FNS: dict[str, Callable] = {"dpmpp_2m": sample_dpmpp_2m, "ddim": sample_
 
 # --- entry point ----------------------------------------------------------------------------------
 
+MAX_SEED = 2**64 - 1  # ComfyUI's seed range: 0 .. 2^64 - 1
+
+
+def check_seed(seed) -> int:
+    """A seed must be an integer from 0 to 2^64 - 1 (the range torch generators and ComfyUI accept)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer from 0 to 2^64 - 1, got {seed!r}")
+    return seed
+
+
 def noise_like(shape, seed: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
     """Standard normal noise from a CPU generator seeded with `seed` (ComfyUI draws the same values)."""
-    g = torch.Generator("cpu").manual_seed(int(seed))
+    g = torch.Generator("cpu").manual_seed(check_seed(int(seed)))
     return torch.randn(tuple(shape), generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
+def step_generator(seed: int) -> torch.Generator:
+    """The CPU generator of the stochastic samplers' step noise for `seed`: seeded with seed + 1 (mod 2^64)."""
+    return torch.Generator("cpu").manual_seed((check_seed(int(seed)) + 1) % 2**64)
+
+
 def sample(model, noise, cond, uncond, *, mask=None, steps: int | None = 20, cfg_scale: float = 4.5,
-           sampler: str = "dpmpp_2m", generator=None, callback=None, init_latent=None, denoise: float = 1.0,
-           uncond_mask=None, schedule: DiscreteSchedule | None = None) -> torch.Tensor:
+           sampler: str = "dpmpp_2m", seed: int = 0, generator=None, callback=None, init_latent=None,
+           denoise: float = 1.0, uncond_mask=None, schedule: DiscreteSchedule | None = None) -> torch.Tensor:
     """Sample latents from `noise` (B x C x H x W, standard normal) with classifier-free guidance.
 
     cond/uncond: T5 features B x L x C (or B x 1 x L x C, or batch 1 to broadcast); mask: B x L (1 = valid).
-    callback(step, total, x, denoised) is called after each step; raising from it stops sampling.
-    init_latent with denoise < 1 starts from a noised image latent (img2img). Returns the final latent.
+    The stochastic samplers (iddpm, sa_solver) draw their step noise from `generator`, by default
+    step_generator(seed), so a call is reproducible. callback(step, total, x, denoised) is called after
+    each step; raising from it stops sampling. init_latent with denoise < 1 starts from a noised image
+    latent (img2img). Returns the final latent.
     """
     if sampler not in SAMPLER_FNS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     steps = DEFAULT_STEPS[sampler] if steps is None else steps
-    if not isinstance(steps, int) or not 1 <= steps <= 1000:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
         raise ValueError(f"steps must be an integer from 1 to 1000, got {steps!r}")
+    if not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
     if not 0.0 < denoise <= 1.0:
         raise ValueError(f"denoise must be in (0, 1], got {denoise}")
     if denoise < 1.0 and init_latent is None:
         raise ValueError("denoise < 1 needs init_latent (the encoded image to start from)")
+    check_inputs(noise, cond, uncond, mask, uncond_mask, init_latent if denoise < 1.0 else None)
+    generator = step_generator(seed) if generator is None else generator
     schedule = schedule or DiscreteSchedule()
     init = None if denoise >= 1.0 else init_latent.float().to(noise.device)
     t_start = max(denoise, 2.0 / schedule.N)
     guided = cfg_denoiser(model, cond, uncond, mask, uncond_mask, cfg_scale, batch=noise.shape[0])
     return SAMPLER_FNS[sampler](guided, noise.float(), schedule, steps, callback=callback, init=init,
                                 t_start=t_start, generator=generator)
+
+
+def check_inputs(noise, cond, uncond=None, mask=None, uncond_mask=None, init_latent=None) -> None:
+    """Raise a ValueError naming the argument when the tensors given to `sample` do not fit together."""
+    if not isinstance(noise, torch.Tensor) or noise.ndim != 4:
+        raise ValueError(f"noise must be a B x C x H x W tensor, got {_shape(noise)}")
+    b = noise.shape[0]
+
+    def caption(name, y):
+        if not isinstance(y, torch.Tensor) or not (y.ndim == 3 or (y.ndim == 4 and y.shape[1] == 1)):
+            raise ValueError(f"{name} must be T5 features B x L x C (or B x 1 x L x C), got {_shape(y)}")
+        if y.shape[0] not in (1, b):
+            raise ValueError(f"{name} has batch {y.shape[0]} but the noise has {b}: give 1 (shared) or {b}")
+        return y.shape[-2], y.shape[-1]
+
+    length, width = caption("cond", cond)
+    if uncond is not None:
+        u_length, u_width = caption("uncond", uncond)
+        if u_width != width:
+            raise ValueError(f"uncond features are {u_width} wide but cond features {width}: encode both "
+                             "with the same text encoder")
+        if u_length != length:
+            raise ValueError(f"uncond has {u_length} tokens but cond has {length}: pad both to one length "
+                             "(T5TextEncoder.encode pads to 300) and pass each one's mask")
+    for name, m in (("mask", mask), ("uncond_mask", uncond_mask)):
+        if m is None:
+            continue
+        if not isinstance(m, torch.Tensor) or m.ndim < 1 or m.shape[0] not in (1, b) \
+                or m.reshape(m.shape[0], -1).shape[1] != length:
+            raise ValueError(f"{name} must be {b} x {length} (or 1 x {length}) to match the captions, "
+                             f"got {_shape(m)}")
+    if init_latent is not None and (not isinstance(init_latent, torch.Tensor)
+                                    or init_latent.shape[1:] != noise.shape[1:]
+                                    or init_latent.shape[0] not in (1, b)):
+        raise ValueError(f"init_latent must have the noise's shape {tuple(noise.shape)}, got {_shape(init_latent)}")
+
+
+def _shape(t) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
