@@ -1,0 +1,68 @@
+"""`python -m dimba_core train ...` (also under `torchrun --nproc-per-node N -m dimba_core train ...`)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_train_parser(sub) -> argparse.ArgumentParser:
+    """Register the `train` sub-command on the main parser's subparsers."""
+    p = sub.add_parser("train", help="fine-tune Dimba (LoRA or full) on images with captions",
+                       description="Fine-tune a Dimba checkpoint with the reference objective. Run it under "
+                                   "torchrun --nproc-per-node N for several processes (DDP).")
+    p.add_argument("--checkpoint", required=True, help="Dimba checkpoint to start from (.pt/.safetensors)")
+    p.add_argument("--data", required=True, help="folder of images with same-name .txt captions, or a JSONL "
+                                                 'of {"image": path, "caption": text}')
+    p.add_argument("--out", required=True, help="output folder (weights, checkpoints/, cache/, log.jsonl)")
+    p.add_argument("--t5", help="T5 v1.1 XXL encoder (folder or .safetensors); needed to build the cache")
+    p.add_argument("--vae", help="SDXL VAE (diffusers folder or .safetensors); needed to build the cache")
+    p.add_argument("--tokenizer", help="T5 tokenizer folder if the T5 path has none")
+    p.add_argument("--cache-dir", help="where the encoded data is kept (default OUT/cache)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=4, help="global batch: all processes and accumulation steps")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps per optimizer step")
+    p.add_argument("--lr", type=float, help="learning rate (default 2e-5 full, as the reference; 1e-4 LoRA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the attention and Mamba projections; "
+                                                            "0 (default): full fine-tuning")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    p.add_argument("--resolution", type=int, choices=(512, 1024, 2048),
+                   help="train at this resolution with the reference's base_size / pe_interpolation "
+                        "(resolution adaptation, e.g. a 512 px checkpoint at 1024)")
+    p.add_argument("--image-size", type=int, help="crop size in px (default: --resolution or the checkpoint's)")
+    p.add_argument("--optimizer", choices=("came", "adamw"), default="came",
+                   help="came (the reference's; pip install came-pytorch) or adamw")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up, then constant (default min(1000, steps/10))")
+    p.add_argument("--max-grad-norm", type=float, default=0.05, help="gradient clipping (0: off)")
+    p.add_argument("--class-dropout-prob", type=float, default=0.1,
+                   help="probability of replacing a caption by the learned null caption")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast dtype; master weights stay float32")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in the backward pass")
+    p.add_argument("--ema", type=float, default=0.0, dest="ema_decay", metavar="DECAY",
+                   help="keep an EMA of the trained weights with this decay (e.g. 0.9999); 0: off")
+    p.add_argument("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps")
+    p.add_argument("--resume", nargs="?", const="latest",
+                   help="continue from a checkpoint file, or from the latest in OUT/checkpoints")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available; torchrun: one GPU per process)")
+    p.add_argument("--save-dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="dtype of the output")
+    p.add_argument("--num-heads", type=int, help="attention heads if the checkpoint does not say (default 16)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.set_defaults(func=train_main)
+    return p
+
+
+def train_main(args) -> None:
+    """Build TrainOptions from parsed arguments and run."""
+    import dataclasses
+
+    from .loop import TrainOptions, train
+
+    fields = {f.name for f in dataclasses.fields(TrainOptions)}
+    opts = TrainOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    if opts.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {opts.steps}")
+    result = train(opts)
+    for kind in ("weights", "ema"):
+        if kind in result:
+            print(f"wrote {result[kind]}")
