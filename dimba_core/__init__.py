@@ -6,10 +6,11 @@ from .sampling import SAMPLERS, noise_like, sample
 
 __all__ = ["PRESETS", "Dimba", "DimbaConfig", "DimbaLoadError", "convert", "dimba_g_2", "dimba_l_2", "load_dimba",
            "noise_like", "sample", "save_safetensors", "SAMPLERS",
-           "T5TextEncoder", "load_vae", "DimbaPipeline"]
+           "T5TextEncoder", "load_vae", "DimbaPipeline", "apply_lora", "training_losses"]
 
 
-_LAZY = {"T5TextEncoder": ".text", "load_vae": ".vae", "DimbaPipeline": ".pipeline"}  # heavy imports on demand
+_LAZY = {"T5TextEncoder": ".text", "load_vae": ".vae", "DimbaPipeline": ".pipeline", "apply_lora": ".lora",
+         "training_losses": ".train.objective"}  # heavy imports on demand
 
 
 def __getattr__(name):

@@ -1,4 +1,4 @@
-"""Command line: `python -m dimba_core convert IN OUT` and `python -m dimba_core generate ...`."""
+"""Command line: `python -m dimba_core convert IN OUT`, `python -m dimba_core generate ...` and `... train ...`."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +34,11 @@ def generate_main(args) -> None:
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     pipe = DimbaPipeline.from_files(args.checkpoint, args.t5, args.vae, device=args.device, dtype=dtype,
                                     t5_device=args.t5_device, tokenizer=args.tokenizer)
+    if args.lora:
+        from .lora import apply_lora, parse_lora_spec
+
+        for spec in args.lora:
+            apply_lora(pipe.model, *parse_lora_spec(spec))
     width, height = args.width, args.height
     if args.ar:
         from .pipeline import native_resolution
@@ -85,7 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=sorted(DTYPES), help="denoiser dtype (default fp16 on CUDA, fp32 on CPU)")
     gen.add_argument("--t5-device", default="cpu", help="where T5 runs (default cpu)")
     gen.add_argument("--out", required=True, help="output folder for PNGs")
+    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                     help="merge a LoRA (.safetensors) into the denoiser, strength 1 by default (repeatable)")
     gen.set_defaults(func=generate_main)
+
+    from .train.cli import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 
