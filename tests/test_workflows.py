@@ -1,14 +1,20 @@
-"""Headless tier for workflows/: every file parses and uses only existing nodes, inputs and outputs."""
+"""Headless tier for workflows/: every file parses and uses only existing nodes, inputs and outputs.
+
+workflows/*.json are UI-format graphs, each with a <name>.jpg thumbnail (ComfyUI's Templates browser lists
+them); workflows/api/ holds the API-format twins for scripts (ComfyUI does not list sub-folders).
+"""
 import json
 from pathlib import Path
 
 import pytest
 
 import nodes
+from dimba_core import tiny_assets
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-API_FILES = sorted(WORKFLOWS.glob("*_api.json"))
-UI_FILES = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
+API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
+UI_FILES = sorted(WORKFLOWS.glob("*.json"))
+PAIRS = {"dimba_txt2img.json": "dimba_txt2img_api.json", "dimba_ksampler.json": "dimba_ksampler_api.json"}
 
 # The core ComfyUI nodes the workflows use: inputs (name -> type, widgets in UI order) and outputs.
 # Checked against a real ComfyUI's /object_info by tests/test_comfy_host.py.
@@ -68,13 +74,41 @@ def test_api_workflow(path):
 
 
 def test_expected_files():
-    names = {p.name for p in WORKFLOWS.glob("*.json")}
-    assert {"dimba_txt2img.json", "dimba_txt2img_api.json", "dimba_ksampler_api.json"} <= names
-    samplers = {n: {v["class_type"] for v in json.loads((WORKFLOWS / n).read_text()).values()}
-                for n in ("dimba_txt2img_api.json", "dimba_ksampler_api.json")}
+    assert {p.name for p in UI_FILES} == set(PAIRS) and {p.name for p in API_FILES} == set(PAIRS.values())
+    samplers = {n: {v["class_type"] for v in json.loads((WORKFLOWS / "api" / n).read_text()).values()}
+                for n in PAIRS.values()}
     assert "DimbaSampler" in samplers["dimba_txt2img_api.json"] and "KSampler" in samplers["dimba_ksampler_api.json"]
     for found in samplers.values():
         assert {"VAELoader", "VAEDecode", "SaveImage", "DimbaCheckpointLoader", "DimbaT5Loader"} <= found
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.name)
+def test_templates_are_ui_format_with_thumbnails(path):
+    """What the Templates browser lists opens there: a top-level "version", and a small JPEG beside it."""
+    assert "version" in json.loads(path.read_text()), f"{path.name} is not UI format; API files go in api/"
+    thumb = path.with_suffix(".jpg")
+    assert thumb.is_file(), f"{path.name} has no thumbnail {thumb.name}"
+    data = thumb.read_bytes()
+    assert data[:3] == b"\xff\xd8\xff" and len(data) < 100_000, "thumbnails are small JPEGs"
+
+
+@pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.name)
+def test_workflows_name_the_tiny_assets(path):
+    """The shipped graphs run as they are on `python -m dimba_core.tiny_assets ComfyUI/models`."""
+    files = {k: v for n in json.loads(path.read_text()).values() for k, v in n["inputs"].items()
+             if k in ("ckpt_name", "t5_name", "vae_name")}
+    assert files == {"ckpt_name": tiny_assets.CHECKPOINT, "t5_name": tiny_assets.T5_FOLDER,
+                     "vae_name": tiny_assets.VAE_FILE}
+
+
+def test_nodes_do_not_overlap():
+    """No node overlaps another in the UI files (the sampler's live preview is drawn inside its node)."""
+    for path in UI_FILES:
+        boxes = {n["id"]: (*n["pos"], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1] + 30)  # + title
+                 for n in json.loads(path.read_text())["nodes"]}
+        for a, (x0, y0, x1, y1) in boxes.items():
+            for b, (u0, v0, u1, v1) in boxes.items():
+                assert a == b or x1 <= u0 or u1 <= x0 or y1 <= v0 or v1 <= y0, f"{path.name}: nodes {a} and {b} overlap"
 
 
 def ui_to_api(ui):
@@ -112,9 +146,10 @@ def test_ui_workflow(path):
     check_api_graph(ui_to_api(ui))
 
 
-def test_ui_matches_api():
-    """The UI workflow is the same graph as dimba_txt2img_api.json."""
-    ui = ui_to_api(json.loads((WORKFLOWS / "dimba_txt2img.json").read_text()))
-    api = json.loads((WORKFLOWS / "dimba_txt2img_api.json").read_text())
+@pytest.mark.parametrize("ui_name", sorted(PAIRS))
+def test_ui_matches_api(ui_name):
+    """Each UI workflow is the same graph as its API twin in workflows/api/."""
+    ui = ui_to_api(json.loads((WORKFLOWS / ui_name).read_text()))
+    api = json.loads((WORKFLOWS / "api" / PAIRS[ui_name]).read_text())
     strip = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
     assert ui == strip
