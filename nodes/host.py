@@ -9,9 +9,12 @@ import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.supported_models_base
+import comfy.utils
 import latent_preview
+from tqdm.auto import tqdm
 
 from ._dimba import core, dimba_core
+from .sampling import check_latent
 
 check_caption_width = core("pipeline").check_caption_width
 
@@ -45,6 +48,8 @@ class DimbaDiffusion(dimba_core.Dimba):
 
     def forward(self, x, timesteps, context=None, attention_mask=None, control=None, transformer_options=None,
                 **kwargs):
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:  # e.g. KSampler with an SD3/Flux latent
+            check_latent(x.shape, self.config.in_channels, self.config.patch_size)
         return super().forward(x, timesteps, context, attention_mask)[:, : self.config.in_channels]
 
     def full_output(self, x, timesteps, y, mask=None):
@@ -185,7 +190,7 @@ def captions(positive, negative, batch):
 def sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_name, denoise=1.0):
     """Run dimba_core.sample on ComfyUI's device with its progress bar, previews and cancel button.
 
-    Seeds as dimba_core.pipeline does (noise_like(shape, seed); iddpm's step noise from seed + 1), so a
+    Seeds as dimba_core.pipeline does (noise_like(shape, seed); the step noise from step_generator(seed)), so a
     seed gives the headless result.
     """
     net = dimba_network(model)
@@ -194,13 +199,7 @@ def sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_na
     if "noise_mask" in latent_image:
         raise ValueError("DimbaSampler does not inpaint (the latent has a noise_mask): use KSampler with the "
                          "Dimba MODEL for masked latents")
-    if latent.ndim != 4 or latent.shape[1] != config.in_channels:
-        raise ValueError(f"latent_image must be B x {config.in_channels} x H x W, got {tuple(latent.shape)}")
-    if latent.shape[-2] % config.patch_size or latent.shape[-1] % config.patch_size:
-        side = 8 * config.patch_size
-        raise ValueError(f"image width and height must be multiples of {side} px for this Dimba model, got "
-                         f"{latent.shape[-1] * 8} x {latent.shape[-2] * 8}: use DimbaResolutionSelect or "
-                         f"round EmptyLatentImage to a multiple of {side}")
+    check_latent(latent.shape, config.in_channels, config.patch_size)
     cond, uncond, mask, u_mask = captions(positive, negative, latent.shape[0])
     check_caption_width(cond.shape[-1], config)
     check_caption_width(uncond.shape[-1], config)
@@ -209,16 +208,20 @@ def sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_na
     mm.load_models_gpu([model], memory_required=model.memory_required([2 * latent.shape[0], *latent.shape[1:]]),
                        minimum_memory_required=model.memory_required(list(latent.shape)))
     device = model.load_device
-    preview = latent_preview.prepare_callback(model, steps)
+    preview = latent_preview.prepare_callback(model, steps)  # ComfyUI's UI progress bar and previews
+    console = tqdm(total=steps, disable=not comfy.utils.PROGRESS_BAR_ENABLED)  # the console bar, as KSampler's
 
     def callback(step, total, x, denoised):
         mm.throw_exception_if_processing_interrupted()
+        console.total = total
+        console.update(1)
         preview(step, denoised, x, total)
 
     to = functools.partial(torch.Tensor.to, device=device)
     out = dimba_core.sample(
         functools.partial(DimbaDiffusion.full_output, net), to(noise), to(cond), to(uncond),
         mask=to(mask), uncond_mask=None if u_mask is None else to(u_mask), steps=steps, cfg_scale=cfg,
-        sampler=sampler_name, generator=torch.Generator("cpu").manual_seed((seed + 1) % 2**64), callback=callback,
+        sampler=sampler_name, seed=seed, callback=callback,
         init_latent=to(latent.float() * scale) if denoise < 1.0 else None, denoise=denoise)
+    console.close()
     return {"samples": (out.float() / scale).to(mm.intermediate_device())}

@@ -98,6 +98,26 @@ def test_resolution_select(base):
     assert node.select(1024, "0.6") == (1280, 768)
 
 
+def test_resolution_default_is_the_published_checkpoints():
+    """dimba-l-512 is trained at 512 px: the node starts there."""
+    assert nodes.DimbaResolutionSelect.INPUT_TYPES()["required"]["base_resolution"][1]["default"] == 512
+
+
+@pytest.mark.parametrize("shape, words", [
+    ((1, 16, 64, 64), ["16 channels", "EmptySD3LatentImage", "EmptyLatentImage", "VAEEncode", "SDXL VAE"]),
+    ((1, 3, 64, 64), ["3 channels", "EmptyLatentImage"]),
+    ((1, 16, 4, 64, 64), ["5-D", "EmptyLatentImage"]),
+    ((1, 4, 25, 40), ["multiples of 16", "DimbaResolutionSelect"]),
+])
+def test_latent_errors_name_the_node_to_use(shape, words):
+    from nodes.sampling import check_latent
+
+    with pytest.raises(ValueError) as err:
+        check_latent(shape)
+    assert all(w in str(err.value) for w in words), str(err.value)
+    check_latent((2, 4, 24, 40))
+
+
 def test_no_comfy_outside_host():
     """Only nodes/host.py imports ComfyUI modules, and importing the pack does not import it."""
     host_only = {"comfy", "folder_paths", "latent_preview"}
