@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dimba_core import DimbaLoadError, apply_lora
+from dimba_core import DimbaLoadError, apply_lora, ops
 from dimba_core.lora import parse_lora_spec
 from dimba_core.tiny_assets import tiny_dimba
 from dimba_core.train.lora import LoRANetwork
@@ -28,23 +28,22 @@ def trained_network(model, rank=3, alpha=6.0):
 
 def test_merged_lora_equals_the_hooked_adapters(tmp_path):
     base = tiny_dimba()
-    base.set_scan_backend("ref")
     net = trained_network(base)
     names = [n for n, _ in net.items()]
     assert any("dt_proj_b" in n for n in names) and any("cross_attn.kv_linear" in n for n in names)
     assert not any("mlp" in n for n in names)
     sd = net.to_comfy_state_dict()
     save_file(sd, str(tmp_path / "lora.safetensors"))
+    merged = apply_lora(tiny_dimba(), tmp_path / "lora.safetensors")
     args = inputs(base)
     with torch.no_grad():
         before = base(*args)
         net.attach(base)
-        hooked = base(*args)
-    merged = apply_lora(tiny_dimba().set_scan_backend("ref"), tmp_path / "lora.safetensors")
-    with torch.no_grad():
-        out = merged(*args)
-    assert (hooked - before).abs().max() > 1e-3  # the LoRA changes the output ...
-    torch.testing.assert_close(out, hooked, rtol=1e-4, atol=1e-5)  # ... and merging gives the same function
+        for backend in [b for b in ("torch", "parallel", "ref") if b in ops.BACKENDS]:  # scan paths differ
+            hooked = base.set_scan_backend(backend)(*args)
+            out = merged.set_scan_backend(backend)(*args)
+            assert (hooked - before).abs().max() > 1e-3  # the LoRA changes the output ...
+            torch.testing.assert_close(out, hooked, rtol=1e-4, atol=1e-5)  # ... merging gives the same function
     # ComfyUI's LoraLoaderModelOnly maps diffusion_model.<key> to the MODEL's diffusion_model.<key>.weight
     weights = {"diffusion_model." + k for k in tiny_dimba().state_dict()}
     stems = {k.rsplit(".lora_", 1)[0].removesuffix(".alpha") for k in sd}

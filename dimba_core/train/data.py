@@ -111,9 +111,9 @@ def image_tensor(img, size: int) -> torch.Tensor:
     return x / 127.5 - 1
 
 
-def cache_key(samples: list[Sample], size: int, t5: str, vae: str, max_length: int) -> str:
-    """A digest of everything the cache depends on: files (path, size, mtime), captions, size, encoders."""
-    h = hashlib.sha256(json.dumps([CACHE_VERSION, size, str(t5), str(vae), max_length]).encode())
+def cache_key(samples: list[Sample], size: int, max_length: int) -> str:
+    """A digest of the data the cache holds: files (path, size, mtime), captions, crop size, caption length."""
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, size, max_length]).encode())
     for s in samples:
         st = s.image.stat()
         h.update(json.dumps([str(s.image), st.st_size, st.st_mtime_ns, s.caption]).encode())
@@ -139,20 +139,20 @@ class LatentCache:
         """Valid caption tokens of sample i: n_i x C."""
         return self.tokens[self.offsets[i]: self.offsets[i + 1]]
 
-    def save(self, folder: Path, key: str) -> None:
+    def save(self, folder: Path, key: str, encoders: str = "") -> None:
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / "cache.safetensors.tmp"
         tensors = {"mean": self.mean, "std": self.std, "tokens": self.tokens, "lengths": self.lengths}
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"key": key, "scaling_factor": str(self.scaling_factor),
+                  metadata={"key": key, "encoders": encoders, "scaling_factor": str(self.scaling_factor),
                             "shift_factor": str(self.shift_factor)})
         tmp.replace(folder / "cache.safetensors")
 
     @classmethod
-    def load(cls, folder: Path, key: str | None = None) -> "LatentCache | None":
-        """The cache in folder if present and made for `key` (None: any), else None."""
+    def load(cls, folder: Path, key: str | None = None, encoders: str | None = None) -> "LatentCache | None":
+        """The cache in folder if present and made for `key` and `encoders` (None: any), else None."""
         from safetensors import safe_open
 
         path = Path(folder) / "cache.safetensors"
@@ -160,7 +160,7 @@ class LatentCache:
             return None
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
-            if key is not None and meta.get("key") != key:
+            if (key is not None and meta.get("key") != key) or (encoders and meta.get("encoders") != encoders):
                 return None
             t = {k: f.get_tensor(k) for k in f.keys()}
         return cls(t["mean"], t["std"], t["tokens"], t["lengths"], float(meta["scaling_factor"]),

@@ -169,13 +169,18 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float):
 # --- data -------------------------------------------------------------------------------------------
 
 def prepare_cache(opts: TrainOptions, rank: int, world: int, device, image_size: int) -> LatentCache:
-    """Rank 0 checks the data and encodes it once (T5 + VAE, then freed); every rank then reads the cache."""
+    """Rank 0 checks the data and encodes it once (T5 + VAE, then freed); every rank then reads the cache.
+
+    A cache made from the same files, captions and crop size is reused; without --t5/--vae with any encoders,
+    with them only if it was made by the same ones.
+    """
     folder = Path(opts.cache_dir or Path(opts.out) / "cache")
     if rank == 0:
         samples = check_samples(find_samples(opts.data), min_side=max(1, image_size // 2))
-        key = cache_key(samples, image_size, opts.t5, opts.vae, opts.max_length)
-        if LatentCache.load(folder, key) is None:
-            encode_to(folder, key, samples, opts, device, image_size)
+        key = cache_key(samples, image_size, opts.max_length)
+        encoders = json.dumps([str(opts.t5), str(opts.vae)]) if opts.t5 and opts.vae else None
+        if LatentCache.load(folder, key, encoders) is None:
+            encode_to(folder, key, encoders, samples, opts, device, image_size)
     barrier(world)
     cache = LatentCache.load(folder)
     if cache is None:
@@ -183,7 +188,7 @@ def prepare_cache(opts: TrainOptions, rank: int, world: int, device, image_size:
     return cache
 
 
-def encode_to(folder, key, samples, opts: TrainOptions, device, image_size: int) -> None:
+def encode_to(folder, key, encoders, samples, opts: TrainOptions, device, image_size: int) -> None:
     """Encode the samples with T5 and the VAE, save the cache, free both encoders."""
     import gc
 
@@ -198,7 +203,7 @@ def encode_to(folder, key, samples, opts: TrainOptions, device, image_size: int)
     vae = load_vae(opts.vae, device=device, dtype=torch.float32)
     cache = encode_samples(samples, image_size, t5, vae, batch_size=opts.encode_batch_size,
                            max_length=opts.max_length, progress=opts.progress)
-    cache.save(folder, key)
+    cache.save(folder, key, encoders)
     del t5, vae
     gc.collect()
     if device.type == "cuda":
@@ -381,6 +386,7 @@ def _run(opts, model, cache, rank, world, device, micro) -> dict:
     sampler = Sampler(cache, opts.seed, opts.batch_size, opts.class_dropout_prob)
     null_caption = model.y_embedder.y_embedding
     out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
     log = (out / "log.jsonl").open("a") if rank == 0 else None
     bar = None
     if rank == 0 and opts.progress:
@@ -403,6 +409,11 @@ def _run(opts, model, cache, rank, world, device, micro) -> dict:
                 loss = terms["loss"].sum() * (world / opts.batch_size)
             scaler.scale(loss).backward()
             total += torch.stack([terms[k].detach().double().sum() for k in ("loss", "mse", "vb")])
+        if step == start:
+            unused = [n for n, p in zip(names, params) if p.grad is None]
+            if unused:
+                raise RuntimeError(f"{len(unused)} trainable tensors got no gradient ({', '.join(unused[:3])}): "
+                                   f"the {backend} scan path bypasses them; train with another scan backend")
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm if opts.max_grad_norm > 0 else math.inf)
         scaler.step(optimizer)

@@ -12,8 +12,9 @@ from torch.nn.utils import parametrize
 # the attention projections and the Mamba mixers' projections (both directions)
 DEFAULT_TARGETS = (r"blocks\.\d+\.(attn\.(qkv|proj)|cross_attn\.(q_linear|kv_linear|proj))",
                    r"mamba_blocks\.\d+\.mixer\.(in_proj|out_proj|x_proj(_b)?|dt_proj(_b)?)")
-# weights the mixer reads directly (F.linear(dt, dt_proj.weight)) instead of calling the module
-DIRECT_WEIGHTS = re.compile(r"\.dt_proj(_b)?$")
+# weights some scan paths read directly (batched matmuls, F.linear(dt, dt_proj.weight)) instead of calling
+# the module: their LoRA is a weight parametrization, the others' a cheaper forward hook
+DIRECT_WEIGHTS = re.compile(r"\.(x_proj|dt_proj)(_b)?$")
 
 
 class LoRA(nn.Module):
