@@ -4,12 +4,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 
 
 # Reference constructor arguments that do not change the inference function.
 TRAINING_ONLY_ARGS = {"class_dropout_prob", "drop_path", "window_size", "window_block_indexes", "use_rel_pos",
                       "config"}
+
+INT_FIELDS = ("hidden_size", "depth", "num_heads", "patch_size", "in_channels", "caption_channels",
+              "model_max_length", "d_state", "d_conv", "expand", "dt_rank", "base_size")
+FLOAT_FIELDS = ("mlp_ratio", "mamba_ratio", "pe_interpolation")
 
 
 @dataclass
@@ -35,13 +40,34 @@ class DimbaConfig:
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
+        self._check_types()
         if self.dt_rank is None:
             self.dt_rank = math.ceil(self.hidden_size / 16)
+        if not 0 <= self.mamba_ratio <= 1:
+            raise ValueError(f"mamba_ratio must lie in [0, 1] (the share of blocks followed by Mamba), "
+                             f"got {self.mamba_ratio}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.hidden_size % 4:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 4 (2-D sin-cos position embedding)")
         self.mamba_after()  # validates mamba_ratio against depth
+
+    def _check_types(self):
+        """Positive integers and finite positive numbers where the architecture needs them."""
+        for name in INT_FIELDS:
+            value = getattr(self, name)
+            if value is None and name == "dt_rank":
+                continue
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in FLOAT_FIELDS:
+            value = getattr(self, name)
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or value < 0 or (value == 0 and name != "mamba_ratio"):
+                raise ValueError(f"{name} must be a finite {'non-negative' if name == 'mamba_ratio' else 'positive'}"
+                                 f" number, got {value!r}")
+        if not isinstance(self.learn_sigma, bool):
+            raise ValueError(f"learn_sigma must be true or false, got {self.learn_sigma!r}")
 
     @property
     def out_channels(self) -> int:

@@ -1,11 +1,20 @@
-"""Load published Dimba checkpoints (.pt/.pth/.ckpt/.safetensors or a state dict) without running pickled code."""
+"""Load published Dimba checkpoints (.pt/.pth/.ckpt/.safetensors or a state dict) without running pickled code.
+
+Every problem with a file ends in one DimbaLoadError naming it. The architecture is read from the tensor
+shapes; config metadata and overrides are checked against those shapes before any model is built, so a
+file cannot make the loader allocate or loop beyond what its own tensors imply.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import numbers
 import os
 import pickle
 import re
+import secrets
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -17,50 +26,124 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 PREFIXES = ("module.", "model.diffusion_model.", "diffusion_model.", "model.")
 OPTIONAL_BUFFERS = ("pos_embed", "y_embedder.y_embedding")  # unused at inference; zero-filled when absent
 CONFIG_KEY = "dimba_config"
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SAFE_PICKLE_TORCH = (2, 6)  # before 2.6, torch.load(weights_only=True) can still run code (CVE-2025-32434)
+FILL_SLACK = 1 << 20  # values a zero-filled optional buffer may have beyond the checkpoint's own
 
 
 class DimbaLoadError(ValueError):
     """A checkpoint that cannot be loaded as a Dimba model; the message says why and what to do."""
 
 
+def torch_version() -> tuple[int, ...]:
+    """The installed torch as (major, minor, patch), ignoring local and pre-release tags."""
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", str(torch.__version__))
+    return tuple(int(g or 0) for g in m.groups()) if m else (0, 0, 0)
+
+
 def read_state_dict(source, *, ema: bool = False) -> tuple[dict, dict | None, str]:
-    """Return (state dict, config dict stored with it or None, name for messages)."""
-    name = "<state dict>"
+    """Return (state dict of float tensors, config dict stored with it or None, name for messages)."""
+    name = _name(source)
     stored_config = None
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        name = str(path)
+        if path.is_dir():
+            raise DimbaLoadError(f"{name}: is a folder; pass the checkpoint file (.safetensors or .pt) inside it")
         if not path.is_file():
             raise DimbaLoadError(f"{name}: no such file")
-        if path.suffix == ".safetensors":
-            sd, stored_config = _read_safetensors(path)
-        elif path.suffix in PICKLE_SUFFIXES:
-            sd = _read_pickle(path)
+        suffix = path.suffix.lower()
+        if suffix == ".safetensors":
+            raw, stored_config = _read_safetensors(path)
+        elif suffix in PICKLE_SUFFIXES:
+            raw = _read_pickle(path)
         else:
             raise DimbaLoadError(f"{name}: unknown checkpoint type {path.suffix!r}; expected .safetensors, "
                                  f"{', '.join(PICKLE_SUFFIXES)}")
-    elif isinstance(source, dict):
-        sd = source
+    elif isinstance(source, Mapping):
+        raw = source
     else:
         raise DimbaLoadError(f"cannot load a Dimba model from {type(source).__name__}; pass a path or a state dict")
-    return _select(sd, ema, name), stored_config, name
+    sd = _select(raw, ema, name)
+    _check_tensors(sd, name, from_file=not isinstance(source, Mapping))
+    return sd, stored_config, name
+
+
+def _name(source) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else "<state dict>"
+
+
+@contextlib.contextmanager
+def open_safetensors(path):
+    """safe_open(path) on the CPU; a bad header, a short file or an unreadable tensor is one DimbaLoadError."""
+    import safetensors
+
+    def corrupt(err):
+        return DimbaLoadError(f"{path}: cannot read this safetensors file ({err}); it is truncated or corrupt, "
+                              "download or convert it again")
+
+    try:
+        f = safetensors.safe_open(str(path), framework="pt", device="cpu")
+    except MemoryError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for bad headers and short files
+        raise corrupt(e) from None
+    with f:
+        try:
+            yield f
+        except getattr(safetensors, "SafetensorError", ()) as e:
+            raise corrupt(e) from None
+
+
+def check_weights_folder(path: Path, what: str, alternative: str) -> None:
+    """A Hugging Face/diffusers folder must hold config.json and intact .safetensors weights (headers read)."""
+    weights = sorted(Path(path).glob("*.safetensors"))
+    if not weights:
+        raise DimbaLoadError(f"{path} has no .safetensors weights; pickled .bin weights are not loaded: convert "
+                             f"them to safetensors or use {alternative}")
+    if not (Path(path) / "config.json").is_file():
+        raise DimbaLoadError(f"{path} has no config.json; a {what} folder holds config.json beside its "
+                             f".safetensors weights (or use {alternative})")
+    for file in weights:
+        with open_safetensors(file):
+            pass
+
+
+def load_guarded(build, path, what: str):
+    """build(); a failure caused by the file's contents becomes one DimbaLoadError naming path."""
+    try:
+        return build()
+    except (DimbaLoadError, ImportError, MemoryError):
+        raise
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise DimbaLoadError(f"{path}: cannot load a {what} from it ({type(err).__name__}: {first}); it is "
+                             f"damaged or not a {what}") from None
 
 
 def _read_safetensors(path: Path):
-    from safetensors import safe_open
-
+    with open_safetensors(path) as f:
+        meta = f.metadata() or {}
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    if CONFIG_KEY not in meta:
+        return sd, None
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for bad headers and short files
-        raise DimbaLoadError(f"{path}: cannot read this safetensors file ({e}); it is truncated or corrupt, "
-                             "download or convert it again") from None
-    stored = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
+        stored = json.loads(meta[CONFIG_KEY])
+    except ValueError as e:
+        raise DimbaLoadError(f"{path}: its '{CONFIG_KEY}' metadata is not valid JSON ({e}); convert the "
+                             "original checkpoint again") from None
+    if not isinstance(stored, dict):
+        raise DimbaLoadError(f"{path}: its '{CONFIG_KEY}' metadata is a JSON {type(stored).__name__}, not a "
+                             "JSON object of config fields; convert the original checkpoint again")
     return sd, stored
 
 
 def _read_pickle(path: Path):
+    if torch_version() < SAFE_PICKLE_TORCH:
+        raise DimbaLoadError(
+            f"{path}: refused: torch {torch.__version__} can run code hidden in a pickled checkpoint even with "
+            "weights_only=True (CVE-2025-32434). Upgrade torch to 2.6+, or convert the file with a trusted, "
+            f"up-to-date install (python -m dimba_core convert {path.name} {path.stem}.safetensors) and use "
+            "the .safetensors file")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -73,61 +156,166 @@ def _read_pickle(path: Path):
                              "truncated or corrupt, download it again") from None
 
 
-def _select(sd: dict, ema: bool, name: str) -> dict:
-    """Pick state_dict / state_dict_ema from a training checkpoint and strip wrapper prefixes."""
+def _select(raw, ema: bool, name: str) -> dict:
+    """Pick state_dict / state_dict_ema from a training checkpoint, keep named tensors, strip wrapper prefixes."""
+    if not isinstance(raw, Mapping):
+        raise DimbaLoadError(f"{name}: holds a {type(raw).__name__}, not a state dict (names -> tensors); "
+                             "this is not a Dimba checkpoint")
     wanted = "state_dict_ema" if ema else "state_dict"
-    if wanted in sd:
-        sd = sd[wanted]
+    if wanted in raw:
+        raw = raw[wanted]
+        if not isinstance(raw, Mapping):
+            raise DimbaLoadError(f"{name}: its '{wanted}' holds a {type(raw).__name__}, not a state dict")
     elif ema:
-        raise DimbaLoadError(f"{name}: has no 'state_dict_ema' (keys: {sorted(sd)[:5]}); load with ema=False")
-    elif "model" in sd and isinstance(sd["model"], dict):
-        sd = sd["model"]
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        keys = sorted(str(k) for k in raw)[:5]
+        raise DimbaLoadError(f"{name}: has no 'state_dict_ema' (keys: {keys}); load with ema=False")
+    elif isinstance(raw.get("model"), Mapping):
+        raw = raw["model"]
+    sd = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     for prefix in PREFIXES:
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
 
 
-def infer_config(sd: dict, name: str = "<state dict>", **overrides) -> DimbaConfig:
-    """Derive the whole architecture from tensor shapes (num_heads, pe_interpolation come from overrides)."""
+def _check_tensors(sd: dict, name: str, from_file: bool) -> None:
+    """Weights must be dense float tensors with data (dtype and layout only: no pass over the values)."""
+    bad = [f"{k} ({str(v.dtype).replace('torch.', '')})" for k, v in sd.items()
+           if v.dtype not in WEIGHT_DTYPES or v.layout != torch.strided or (from_file and v.is_meta)]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise DimbaLoadError(f"{name}: Dimba weights must be dense float16/bfloat16/float32/float64 tensors, "
+                             f"found {', '.join(bad[:5])}{more}; convert the original float checkpoint instead")
+
+
+def _shape(sd: dict, key: str, ndim: int, name: str) -> tuple[int, ...]:
+    """Shape of a tensor the architecture is read from, checked to be ndim-D and non-empty."""
+    if key not in sd:
+        raise DimbaLoadError(f"{name}: missing {key}, needed to read the architecture; the file is incomplete "
+                             "(download it again) or not a Dimba checkpoint")
+    shape = tuple(sd[key].shape)
+    if len(shape) != ndim or 0 in shape:
+        raise DimbaLoadError(f"{name}: {key} has shape {shape}; a Dimba checkpoint has a non-empty {ndim}-D "
+                             "tensor there (the file is damaged or not a Dimba checkpoint)")
+    return shape
+
+
+def _count(sd: dict, prefix: str, name: str) -> int:
+    """Number of blocks `prefix.<i>.` (indices must run 0..n-1 without gaps)."""
+    idx = {int(m.group(1)) for k in sd if (m := re.match(rf"{prefix}\.(\d+)\.", k))}
+    if not idx:
+        return 0
+    if len(idx) != max(idx) + 1:
+        gaps = [i for i in range(len(idx) + 1) if i not in idx][:5]  # a gap lies below len(idx) + 1
+        raise DimbaLoadError(f"{name}: {prefix} are not numbered 0..{len(idx) - 1}: {len(idx)} blocks up to index "
+                             f"{max(idx)}, first missing {gaps}; the file is incomplete or damaged")
+    return len(idx)
+
+
+def shape_config(sd: dict, name: str = "<state dict>") -> dict:
+    """The config fields that the tensor shapes determine (every other field comes from metadata or defaults)."""
     need = ("x_embedder.proj.weight", "y_embedder.y_proj.fc1.weight", "blocks.0.mlp.fc1.weight",
             "final_layer.linear.weight")
     missing = [k for k in need if k not in sd]
     if missing:
         raise DimbaLoadError(f"{name}: this is not a Dimba checkpoint: missing {', '.join(missing)} "
                              f"(found e.g. {', '.join(sorted(sd)[:3]) or 'no tensors'})")
-    hidden, in_ch, patch, _ = sd["x_embedder.proj.weight"].shape
-    depth = _count(sd, r"blocks\.(\d+)\.")
-    n_mamba = _count(sd, r"mamba_blocks\.(\d+)\.")
-    out_ch = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
-    cfg = dict(hidden_size=hidden, depth=depth, patch_size=patch, in_channels=in_ch,
-               learn_sigma=out_ch == 2 * in_ch, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
-               caption_channels=sd["y_embedder.y_proj.fc1.weight"].shape[1],
+    hidden, in_ch, patch, patch_w = _shape(sd, "x_embedder.proj.weight", 4, name)
+    if patch != patch_w:
+        raise DimbaLoadError(f"{name}: x_embedder.proj.weight has {patch} x {patch_w} patches; Dimba's are square")
+    depth, n_mamba = _count(sd, "blocks", name), _count(sd, "mamba_blocks", name)
+    if n_mamba > depth:
+        raise DimbaLoadError(f"{name}: {n_mamba} Mamba blocks but only {depth} attention blocks: blocks are "
+                             "missing (an incomplete file?)")
+    final = _shape(sd, "final_layer.linear.weight", 2, name)[0]
+    out_ch = final // (patch * patch)
+    if final % (patch * patch) or out_ch not in (in_ch, 2 * in_ch):
+        raise DimbaLoadError(f"{name}: final_layer.linear.weight has {final} rows; with patch {patch} and {in_ch} "
+                             f"latent channels a Dimba checkpoint has {patch * patch * in_ch} or "
+                             f"{2 * patch * patch * in_ch}")
+    fc1 = _shape(sd, "blocks.0.mlp.fc1.weight", 2, name)[0]
+    cfg = dict(hidden_size=hidden, depth=depth, patch_size=patch, in_channels=in_ch, learn_sigma=out_ch == 2 * in_ch,
+               mlp_ratio=_ratio(fc1, hidden),
+               caption_channels=_shape(sd, "y_embedder.y_proj.fc1.weight", 2, name)[1],
                mamba_ratio=_ratio(n_mamba, depth))
     if "y_embedder.y_embedding" in sd:
-        cfg["model_max_length"] = sd["y_embedder.y_embedding"].shape[0]
+        cfg["model_max_length"] = _shape(sd, "y_embedder.y_embedding", 2, name)[0]
     if n_mamba:
         mixer = "mamba_blocks.0.mixer."
-        d_inner, d_state = sd[mixer + "A_log"].shape
-        cfg.update(d_state=d_state, expand=d_inner // hidden, d_conv=sd[mixer + "conv1d.weight"].shape[-1],
-                   dt_rank=sd[mixer + "dt_proj.weight"].shape[1])
+        d_inner, d_state = _shape(sd, mixer + "A_log", 2, name)
+        if d_inner % hidden:
+            raise DimbaLoadError(f"{name}: {mixer}A_log has {d_inner} rows, not a multiple of the width {hidden}")
+        cfg.update(d_state=d_state, expand=d_inner // hidden, d_conv=_shape(sd, mixer + "conv1d.weight", 3, name)[-1],
+                   dt_rank=_shape(sd, mixer + "dt_proj.weight", 2, name)[1])
     if "pos_embed" in sd:
-        cfg["base_size"] = math.isqrt(sd["pos_embed"].shape[1])
+        n = _shape(sd, "pos_embed", 3, name)[1]
+        if math.isqrt(n) ** 2 != n:
+            raise DimbaLoadError(f"{name}: pos_embed holds {n} positions, not a square grid")
+        cfg["base_size"] = math.isqrt(n)
+    return cfg
+
+
+def _ratio(n: int, d: int) -> float:
+    """A ratio r with int(r * d) == n, as the model computes sizes (mamba_ratio, mlp_ratio)."""
+    r = n / d
+    return r if int(r * d) == n else (n + 1e-6) / d
+
+
+def _agrees(field: str, claim, shapes: dict) -> bool:
+    """Whether a claimed config value gives the shapes found in the file."""
+    real = isinstance(claim, numbers.Real) and not isinstance(claim, bool) and math.isfinite(claim)
+    if field == "mamba_ratio":
+        return real and 0 <= claim <= 1 and int(claim * shapes["depth"]) == int(shapes[field] * shapes["depth"])
+    if field == "mlp_ratio":
+        h = shapes["hidden_size"]
+        return real and claim > 0 and int(h * claim) == int(h * shapes[field])
+    if field == "learn_sigma":
+        return claim is shapes[field]
+    return isinstance(claim, numbers.Integral) and not isinstance(claim, bool) and claim == shapes[field]
+
+
+def resolve_config(sd: dict, stored: dict | None = None, overrides: dict | None = None,
+                   name: str = "<state dict>") -> DimbaConfig:
+    """Config from the shapes, then stored metadata, then overrides; every claim is checked against the shapes."""
+    fields = set(DimbaConfig.__dataclass_fields__) - {"extra"}
+    shapes = shape_config(sd, name)
+    base_size = shapes.get("base_size", (stored or {}).get("base_size", 32))
     # the published resolutions pair base_size with pe_interpolation: 512 px 32/1, 1024 64/2, 2048 128/4
-    cfg["pe_interpolation"] = {32: 1.0, 64: 2.0, 128: 4.0}.get(cfg.get("base_size", 32), 1.0)
-    return DimbaConfig(**{**cfg, **overrides})
+    pe = {32: 1.0, 64: 2.0, 128: 4.0}.get(base_size, 1.0) if type(base_size) is int else 1.0
+    claims = {"num_heads": 16, "pe_interpolation": pe}
+    for origin, values in (("the file's metadata", stored), ("the arguments", overrides)):
+        values = {k: v for k, v in (values or {}).items() if not (k == "dt_rank" and v is None)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise DimbaLoadError(f"{name}: unknown Dimba config fields in {origin}: {unknown}"
+                                 + ("; convert the original checkpoint again" if "metadata" in origin else ""))
+        wrong = [f"{k} {v!r} (the tensors say {shapes[k]!r})" for k, v in values.items()
+                 if k in shapes and not _agrees(k, v, shapes)]
+        if wrong:
+            raise DimbaLoadError(f"{name}: {origin} disagree with the tensor shapes: {'; '.join(wrong)}")
+        claims.update(values)
+    try:
+        config = DimbaConfig(**{**claims, **shapes})
+    except (TypeError, ValueError) as e:
+        raise DimbaLoadError(f"{name}: {e}") from None
+    _check_fill(sd, config, name)
+    return config
 
 
-def _count(sd, pattern) -> int:
-    idx = {int(m.group(1)) for k in sd if (m := re.match(pattern, k))}
-    return max(idx) + 1 if idx else 0
+def infer_config(sd: dict, name: str = "<state dict>", **overrides) -> DimbaConfig:
+    """Derive the whole architecture from tensor shapes (num_heads, pe_interpolation come from overrides)."""
+    return resolve_config(sd, None, overrides, name)
 
 
-def _ratio(n: int, depth: int) -> float:
-    """mamba_ratio such that int(ratio * depth) == n, as the reference computes it."""
-    ratio = n / depth
-    return ratio if int(ratio * depth) == n else (n + 1e-6) / depth
+def _check_fill(sd: dict, config: DimbaConfig, name: str) -> None:
+    """Refuse claims (base_size, model_max_length) that would zero-fill an absent buffer larger than the file."""
+    budget = sum(v.numel() for v in sd.values()) + FILL_SLACK
+    sizes = {"pos_embed": ("base_size", config.base_size ** 2 * config.hidden_size),
+             "y_embedder.y_embedding": ("model_max_length", config.model_max_length * config.caption_channels)}
+    for key, (field, numel) in sizes.items():
+        if key not in sd and numel > budget:
+            raise DimbaLoadError(f"{name}: {field} {getattr(config, field)} would need a {key} of {numel} values, "
+                                 f"more than the whole checkpoint holds; the value is wrong (pass a plausible one)")
 
 
 def check_state_dict(model: torch.nn.Module, sd: dict, name: str) -> None:
@@ -147,6 +335,12 @@ def check_state_dict(model: torch.nn.Module, sd: dict, name: str) -> None:
                              + "; ".join(problems))
 
 
+def _check_num_heads(num_heads, name: str) -> None:
+    if num_heads is not None and (not isinstance(num_heads, numbers.Integral) or isinstance(num_heads, bool)
+                                  or num_heads <= 0):
+        raise DimbaLoadError(f"{name}: num_heads must be a positive integer, got {num_heads!r}")
+
+
 def load_dimba(source, *, device=None, dtype=None, num_heads: int | None = None, ema: bool = False,
                scan_backend: str = "auto", **overrides) -> Dimba:
     """Build a Dimba model from a checkpoint path or state dict, inferring its config, and load it strictly.
@@ -154,15 +348,13 @@ def load_dimba(source, *, device=None, dtype=None, num_heads: int | None = None,
     num_heads cannot be read from shapes: it defaults to the value stored by `convert`, else 16 (both
     published presets). Other config fields (pe_interpolation, base_size, ...) may be overridden.
     """
+    from . import ops
+
+    ops.check_backend(scan_backend)
+    _check_num_heads(num_heads, _name(source))
     sd, stored, name = read_state_dict(source, ema=ema)
     overrides = {k: v for k, v in dict(overrides, num_heads=num_heads).items() if v is not None}
-    try:
-        config = (DimbaConfig.from_dict({**stored, **overrides}) if stored is not None
-                  else infer_config(sd, name, **{"num_heads": 16, **overrides}))
-    except DimbaLoadError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise DimbaLoadError(f"{name}: {e}") from None
+    config = resolve_config(sd, stored, overrides, name)
     with torch.device("meta"):
         model = Dimba(config, scan_backend=scan_backend)
     sd = dict(sd)
@@ -175,16 +367,74 @@ def load_dimba(source, *, device=None, dtype=None, num_heads: int | None = None,
     return model.to(device=device or "cpu", dtype=dtype).eval().requires_grad_(False)
 
 
+def _check_output(path: Path) -> None:
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path}: the output must be a .safetensors file (load_dimba reads other suffixes as "
+                         f"pickles); name it e.g. {path.with_suffix('.safetensors').name}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the output file's path")
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: the folder {path.parent} does not exist; create it first")
+
+
+def write_atomically(path, write) -> None:
+    """Call write(temporary path) in path's folder, flush the file to disk, then rename it over path."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask sets the permissions
+    try:
+        write(str(tmp))
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if os.name == "posix":  # make the rename itself durable
+        with contextlib.suppress(OSError):
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 def save_safetensors(model: Dimba, path, dtype=None) -> None:
-    """Write the model's state dict with its config in the file's metadata (read back by load_dimba)."""
-    from safetensors.torch import save_file
+    """Write the model's state dict with its config in the file's metadata (read back by load_dimba), atomically."""
+    import safetensors.torch
 
+    path = Path(path)
+    _check_output(path)
     sd = {k: (v.to(dtype) if dtype else v).contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(sd, str(path), metadata={CONFIG_KEY: model.config.to_json(), "format": "pt"})
+    metadata = {CONFIG_KEY: model.config.to_json(), "format": "pt"}
+    write_atomically(path, lambda tmp: safetensors.torch.save_file(sd, tmp, metadata=metadata))
 
 
-def convert(src, dst, *, ema: bool = False, dtype=None, num_heads: int | None = None, **overrides) -> Dimba:
-    """Convert a checkpoint (e.g. dimba-l-512.pt) to .safetensors with its config stored."""
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)  # follows symlinks; hard links share the inode
+    except (OSError, ValueError):
+        return False
+
+
+def convert(src, dst, *, ema: bool = False, dtype=None, num_heads: int | None = None, overwrite: bool = False,
+            **overrides) -> Dimba:
+    """Convert a checkpoint (e.g. dimba-l-512.pt) to .safetensors with its config stored; never touches src.
+
+    An existing dst is replaced only with overwrite=True (--force), and never when it is src itself.
+    """
+    dst = Path(dst)
+    if _same_file(src, dst):
+        raise ValueError(f"{dst} is the same file as the input {src}; convert never replaces its input: "
+                         "write to another name")
+    _check_output(dst)
+    if (dst.exists() or dst.is_symlink()) and not overwrite:
+        raise ValueError(f"{dst} exists; pass --force (overwrite=True) to replace it")
+    _check_num_heads(num_heads, str(src))
     model = load_dimba(src, ema=ema, num_heads=num_heads, **overrides)
     save_safetensors(model, dst, dtype=dtype)
     return model

@@ -8,8 +8,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+from .loader import DimbaLoadError, check_weights_folder, load_guarded, open_safetensors
 
 MAX_LENGTH = 300
 ANCHOR_KEY = "encoder.block.0.layer.0.SelfAttention.q.weight"
@@ -116,13 +117,14 @@ def _file_prefix(path, keys) -> str:
     """The prefix in front of T5 encoder keys in a file (e.g. 'text_encoders.t5xxl.transformer.')."""
     found = sorted((k[: -len(ANCHOR_KEY)] for k in keys if k.endswith(ANCHOR_KEY)), key=len)
     if not found:
-        raise ValueError(f"{path} is not a T5 encoder file: no key ending in '{ANCHOR_KEY}'")
+        raise DimbaLoadError(f"{path} is not a T5 encoder file: no key ending in '{ANCHOR_KEY}'; pass a T5 v1.1 "
+                             "XXL encoder (e.g. t5xxl_fp16.safetensors) or its Hugging Face folder")
     return found[0]
 
 
 def read_t5_file(path, dtype=torch.float32):
     """Read a single-file T5 encoder: stripped keys, fp8 upcast and scaled, plus the inferred config."""
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         keys = list(f.keys())
         prefix = _file_prefix(path, keys)
         names = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
@@ -137,7 +139,10 @@ def read_t5_file(path, dtype=torch.float32):
         try:
             config = _infer_config(shapes)
         except KeyError as err:
-            raise ValueError(f"{path}: cannot infer the T5 config, key {err} is missing") from None
+            raise DimbaLoadError(f"{path}: cannot infer the T5 config, key {err} is missing") from None
+        except (ValueError, IndexError, TypeError, ZeroDivisionError) as err:
+            raise DimbaLoadError(f"{path}: cannot infer the T5 config from its tensor shapes ({err}); the file is "
+                                 "damaged or not a T5 v1.1 encoder") from None
         state = {}
         for key, name in weights.items():
             t = f.get_tensor(name)
@@ -161,7 +166,7 @@ def _build_from_file(path, dtype) -> T5EncoderModel:
     missing = set(expected) - set(state)
     wrong = {k for k in expected if k in state and list(state[k].shape) != expected[k]}
     if missing or wrong:
-        raise ValueError(
+        raise DimbaLoadError(
             f"{path} does not match a T5 encoder of the inferred shape "
             f"(d_model {config.d_model}, {config.num_layers} layers, {config.num_heads} heads): "
             f"missing keys: {_show(missing) or 'none'}; wrong shapes: {_show(wrong) or 'none'}")
@@ -175,16 +180,13 @@ def _build_from_file(path, dtype) -> T5EncoderModel:
 def _build_from_folder(path, dtype) -> T5EncoderModel:
     """T5EncoderModel from a Hugging Face folder with .safetensors weights (no network, no pickles)."""
     path = Path(path)
-    if not any(path.glob("*.safetensors")):
-        raise FileNotFoundError(
-            f"{path} has no .safetensors weights; pickled .bin weights are not loaded: "
-            "convert them to safetensors or use a single-file t5xxl .safetensors")
+    check_weights_folder(path, "T5", "a single-file t5xxl .safetensors")
     model, info = T5EncoderModel.from_pretrained(
         str(path), dtype=dtype, local_files_only=True, use_safetensors=True, output_loading_info=True)
     missing = [k for k in info.get("missing_keys", []) if k != "encoder.embed_tokens.weight"]
     wrong = [str(k) for k in info.get("mismatched_keys", [])]
     if missing or wrong:
-        raise ValueError(f"{path}: T5 weights do not match config.json: missing keys: "
+        raise DimbaLoadError(f"{path}: T5 weights do not match config.json: missing keys: "
                          f"{_show(missing) or 'none'}; wrong shapes: {_show(wrong) or 'none'}")
     return model
 
@@ -204,11 +206,11 @@ class T5TextEncoder:
         if path.is_dir() and not (path / "config.json").is_file() and (path / "text_encoder").is_dir():
             path = path / "text_encoder"
         if path.is_dir():
-            model = _build_from_folder(path, dtype)
-        elif path.is_file() and path.suffix == ".safetensors":
-            model = _build_from_file(path, dtype)
+            model = load_guarded(lambda: _build_from_folder(path, dtype), path, "T5 encoder")
+        elif path.is_file() and path.suffix.lower() == ".safetensors":
+            model = load_guarded(lambda: _build_from_file(path, dtype), path, "T5 encoder")
         elif path.exists():
-            raise ValueError(f"{path}: expected a model folder or a .safetensors file")
+            raise DimbaLoadError(f"{path}: expected a T5 model folder or a .safetensors file")
         else:
             raise FileNotFoundError(f"T5 model not found: {path}")
         tok = load_tokenizer(find_tokenizer_dir(path, tokenizer))

@@ -10,7 +10,8 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+
+from .loader import DimbaLoadError, check_weights_folder, load_guarded, open_safetensors
 
 SDXL_SCALING_FACTOR = 0.13025
 SD_SCALING_FACTOR = 0.18215
@@ -82,11 +83,12 @@ def infer_vae_config(state: dict) -> dict:
 
 def read_vae_file(path) -> dict:
     """VAE weights from one .safetensors file, prefix stripped (first_stage_model., vae., ...), diffusers names."""
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         keys = list(f.keys())
         found = sorted((k[: -len(ANCHOR_KEY)] for k in keys if k.endswith(ANCHOR_KEY)), key=len)
         if not found:
-            raise ValueError(f"{path} is not a VAE file: no key ending in '{ANCHOR_KEY}'")
+            raise DimbaLoadError(f"{path} is not a VAE file: no key ending in '{ANCHOR_KEY}'; pass the SDXL VAE "
+                                 "(e.g. sdxl_vae.safetensors) or a diffusers VAE folder")
         prefix = found[0]
         parts = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
         state = {k[len(prefix):]: f.get_tensor(k) for k in keys
@@ -97,20 +99,23 @@ def read_vae_file(path) -> dict:
 
 
 def _build_from_file(path, dtype, config):
-    """AutoencoderKL from a single file; ValueError naming missing or mis-shaped keys."""
+    """AutoencoderKL from a single file; DimbaLoadError naming missing or mis-shaped keys."""
     AutoencoderKL = _diffusers()
     state = read_vae_file(path)
     try:
         cfg = {**infer_vae_config(state), **(config or {})}
     except KeyError as err:
-        raise ValueError(f"{path}: cannot infer the VAE config, key {err} is missing") from None
+        raise DimbaLoadError(f"{path}: cannot infer the VAE config, key {err} is missing") from None
+    except (IndexError, ValueError, TypeError) as err:
+        raise DimbaLoadError(f"{path}: cannot infer the VAE config from its tensor shapes ({err}); the file is "
+                             "damaged or not a VAE") from None
     with torch.device("meta"):
         model = AutoencoderKL(**cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = set(expected) - set(state)
     wrong = {k for k in expected if k in state and tuple(state[k].shape) != expected[k]}
     if missing or wrong:
-        raise ValueError(f"{path} does not match an AutoencoderKL with {cfg['block_out_channels']} channels: "
+        raise DimbaLoadError(f"{path} does not match an AutoencoderKL with {cfg['block_out_channels']} channels: "
                          f"missing keys: {_show(missing) or 'none'}; wrong shapes: {_show(wrong) or 'none'}")
     model.load_state_dict({k: state[k].to(dtype) for k in expected}, strict=True, assign=True)
     return model
@@ -119,8 +124,7 @@ def _build_from_file(path, dtype, config):
 def _build_from_folder(path, dtype):
     """AutoencoderKL from a diffusers folder (config.json + diffusion_pytorch_model.safetensors)."""
     AutoencoderKL = _diffusers()
-    if not any(Path(path).glob("*.safetensors")):
-        raise FileNotFoundError(f"{path} has no .safetensors weights; pickled .bin weights are not loaded")
+    check_weights_folder(Path(path), "diffusers VAE", "a single-file VAE .safetensors")
     return AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True,
                                          use_safetensors=True, low_cpu_mem_usage=False)
 
@@ -181,13 +185,13 @@ def load_vae(path, *, device="cpu", dtype=torch.float32, scaling_factor=None, co
     if path.is_dir() and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
         path = path / "vae"
     if path.is_dir():
-        model = _build_from_folder(path, dtype)
+        model = load_guarded(lambda: _build_from_folder(path, dtype), path, "VAE")
         default_scale = model.config.scaling_factor
-    elif path.is_file() and path.suffix == ".safetensors":
-        model = _build_from_file(path, dtype, config)
+    elif path.is_file() and path.suffix.lower() == ".safetensors":
+        model = load_guarded(lambda: _build_from_file(path, dtype, config), path, "VAE")
         default_scale = SDXL_SCALING_FACTOR
     elif path.exists():
-        raise ValueError(f"{path}: expected a diffusers VAE folder or a .safetensors file")
+        raise DimbaLoadError(f"{path}: expected a diffusers VAE folder or a .safetensors file")
     else:
         raise FileNotFoundError(f"VAE not found: {path}")
     scale = default_scale if scaling_factor is None else scaling_factor
