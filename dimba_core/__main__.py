@@ -13,7 +13,7 @@ def convert_main(args) -> None:
     from .loader import convert
 
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    model = convert(args.src, args.dst, ema=args.ema, dtype=dtype, num_heads=args.num_heads)
+    model = convert(args.src, args.dst, ema=args.ema, dtype=dtype, num_heads=args.num_heads, overwrite=args.force)
     print(f"wrote {args.dst}: {model.config.to_json()}")
 
 
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--ema", action="store_true", help="take state_dict_ema instead of state_dict")
     conv.add_argument("--dtype", choices=sorted(DTYPES), help="store weights in this dtype")
     conv.add_argument("--num-heads", type=int, default=None, help="attention heads (default 16)")
+    conv.add_argument("--force", action="store_true", help="replace DST if it exists (never the input itself)")
     conv.set_defaults(func=convert_main)
 
     from .sampling import SAMPLERS
