@@ -1,8 +1,9 @@
 """Host tier: the pack inside a real ComfyUI on the CPU (runs only when COMFYUI_PATH points to a checkout).
 
-COMFYUI_PYTHON is the python that runs ComfyUI (default: this one); DIMBA_TEST_VAE an SDXL-architecture VAE
-.safetensors (default: a random one built with ComfyUI's classes, cached in DIMBA_TEST_CACHE or
-~/.cache/comfyui-dimba). The models are the tiny random ones from `python -m dimba_core.tiny_assets`.
+COMFYUI_PYTHON is the python that runs ComfyUI (default: this one). The models are the tiny random ones from
+`python -m dimba_core.tiny_assets`, VAE included; DIMBA_TEST_VAE names another SDXL-architecture VAE
+.safetensors to use instead. Where tiny_assets writes no VAE, a random one is built with ComfyUI's classes
+and cached in DIMBA_TEST_CACHE or ~/.cache/comfyui-dimba.
 """
 import copy
 import json
@@ -19,7 +20,8 @@ from pathlib import Path
 import pytest
 
 import nodes
-from test_workflows import CORE_NODES
+from dimba_core import tiny_assets
+from test_workflows import CORE_NODES, PAIRS
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
@@ -109,6 +111,14 @@ fresh = host.load_model(ckpt)  # low-VRAM budgets still load every weight: the l
 fresh.partially_load(torch.device("cpu"), 1)
 assert not fresh.model.model_lowvram and fresh.loaded_size() == fresh.model_size()
 assert fresh.partially_unload(torch.device("cpu"), 1) == 0
+sd3 = {"samples": torch.randn(1, 16, 24, 40)}  # an SD3/Flux latent: both samplers say which node to use
+for fail in (lambda: sampler.sample(model, pos, neg, sd3, 0, 2, 4.5, "ddim"),
+             lambda: comfy.sample.sample(model, noise[:1, :1].repeat(1, 16, 1, 1), 2, 4.5, "euler", "normal", pos,
+                                         neg, sd3["samples"], seed=3, disable_pbar=True)):
+    message = error(fail)
+    assert "16 channels" in message and "EmptyLatentImage" in message and "VAEEncode" in message, message
+sys.stderr.write("console bar check\n")
+sampler.sample(model, pos, neg, latent, 0, 3, 4.5, "euler")  # tqdm on stderr, as KSampler's console bar
 mm.interrupt_current_processing(True)
 assert "Interrupt" in error(lambda: sampler.sample(model, pos, neg, latent, 0, 2, 4.5, "ddim"))
 mm.interrupt_current_processing(False)
@@ -116,10 +126,8 @@ print("in-process checks passed")
 """
 
 
-def vae_file(cache: Path) -> Path:
-    """An SDXL-architecture VAE: $DIMBA_TEST_VAE, else a random one built once with ComfyUI's classes."""
-    if os.environ.get("DIMBA_TEST_VAE"):
-        return Path(os.environ["DIMBA_TEST_VAE"])
+def built_vae(cache: Path) -> Path:
+    """A random SDXL-architecture VAE built once with ComfyUI's classes (where tiny_assets writes none)."""
     path = cache / "sdxl_vae_random.safetensors"
     if not path.is_file():
         cache.mkdir(parents=True, exist_ok=True)
@@ -135,16 +143,19 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A throwaway ComfyUI base directory: the pack linked into custom_nodes, tiny models, a VAE."""
+    """A throwaway ComfyUI base directory: the pack linked into custom_nodes, the tiny models and VAE."""
     root = tmp_path_factory.mktemp("comfybase")
     (root / "custom_nodes").mkdir()
     (root / "custom_nodes" / "ComfyUI-Dimba").symlink_to(REPO, target_is_directory=True)
     env = dict(os.environ, COMFYUI_PATH=COMFYUI_PATH)
     subprocess.run([PYTHON, "-m", "dimba_core.tiny_assets", str(root / "models")], cwd=REPO, env=env, check=True,
                    capture_output=True)
-    cache = Path(os.environ.get("DIMBA_TEST_CACHE", Path.home() / ".cache" / "comfyui-dimba"))
-    (root / "models" / "vae").mkdir()
-    (root / "models" / "vae" / "sdxl_vae.safetensors").symlink_to(vae_file(cache))
+    vae = root / "models" / "vae" / tiny_assets.VAE_FILE
+    if os.environ.get("DIMBA_TEST_VAE") or not vae.is_file():
+        cache = Path(os.environ.get("DIMBA_TEST_CACHE", Path.home() / ".cache" / "comfyui-dimba"))
+        vae.parent.mkdir(exist_ok=True)
+        vae.unlink(missing_ok=True)
+        vae.symlink_to(Path(os.environ.get("DIMBA_TEST_VAE") or built_vae(cache)))
     return root
 
 
@@ -244,9 +255,9 @@ def test_core_node_table(server):
         assert tuple(info["output"]) == outputs
 
 
-@pytest.mark.parametrize("name", ["dimba_txt2img_api.json", "dimba_ksampler_api.json"])
+@pytest.mark.parametrize("name", sorted(PAIRS.values()))
 def test_api_workflow(server, base, name):
-    graph = json.loads((WORKFLOWS / name).read_text())
+    graph = json.loads((WORKFLOWS / "api" / name).read_text())
     t0 = time.time()
     sizes = saved_sizes(base, run_graph(server, graph))
     print(f"{name}: {time.time() - t0:.1f} s")
@@ -255,7 +266,7 @@ def test_api_workflow(server, base, name):
 
 def test_done_when_graph(server, base):
     """Dimba loaders and T5 encode feed DimbaSampler and KSampler (euler) in one graph: four 320x192 images."""
-    graph = json.loads((WORKFLOWS / "dimba_txt2img_api.json").read_text())
+    graph = json.loads((WORKFLOWS / "api" / "dimba_txt2img_api.json").read_text())
     graph = {k: v for k, v in graph.items() if v["class_type"] != "DimbaResolutionSelect"}
     graph["6"]["inputs"].update(width=320, height=192, batch_size=2)
     graph["4"]["inputs"]["text"] = ""
@@ -275,7 +286,7 @@ def test_done_when_graph(server, base):
 
 def test_bad_size_is_reported(server):
     """A size that is not a multiple of 16 fails the prompt with a message that says what to change."""
-    graph = json.loads((WORKFLOWS / "dimba_txt2img_api.json").read_text())
+    graph = json.loads((WORKFLOWS / "api" / "dimba_txt2img_api.json").read_text())
     graph = {k: v for k, v in graph.items() if v["class_type"] != "DimbaResolutionSelect"}
     graph["6"]["inputs"].update(width=328, height=192)
     entry = run_graph(server, graph)
@@ -290,3 +301,52 @@ def test_in_process(base):
                             cwd=COMFYUI_PATH, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "in-process checks passed" in result.stdout
+    assert "3/3" in result.stderr.split("console bar check")[-1], "DimbaSampler prints no console progress bar"
+
+
+def test_workflow_templates(server):
+    """Every entry of the Templates browser opens: UI format with a version, and its thumbnail is served."""
+    listed = get(f"{server}/workflow_templates")["ComfyUI-Dimba"]
+    assert sorted(listed) == sorted(Path(n).stem for n in PAIRS)  # not the API files in workflows/api/
+    for name in listed:
+        workflow = get(f"{server}/api/workflow_templates/ComfyUI-Dimba/{name}.json")
+        assert "version" in workflow and workflow["nodes"], name
+        with urllib.request.urlopen(f"{server}/api/workflow_templates/ComfyUI-Dimba/{name}.jpg", timeout=30) as r:
+            assert r.status == 200 and r.read(3) == b"\xff\xd8\xff", name
+
+
+COMPILE = r"""
+import importlib, importlib.util, sys, time, torch
+comfy_path, repo, models = sys.argv[1:4]
+sys.path.insert(0, comfy_path)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.sample
+from comfy_extras.nodes_torch_compile import TorchCompileModel
+spec = importlib.util.spec_from_file_location("ComfyUI_Dimba", f"{repo}/__init__.py", submodule_search_locations=[repo])
+pack = importlib.util.module_from_spec(spec); sys.modules[spec.name] = pack; spec.loader.exec_module(pack)
+host = importlib.import_module("ComfyUI_Dimba.nodes.host")
+model, t5 = host.load_model(f"{models}/checkpoints/dimba_tiny.safetensors"), host.load_t5(f"{models}/text_encoders/t5_tiny", "cpu")
+encode = pack.NODE_CLASS_MAPPINGS["DimbaT5TextEncode"]().encode
+pos, neg = encode(t5, "a cat on a mat")[0], encode(t5, "")[0]
+latent = torch.zeros(1, 4, 16, 16)
+noise = comfy.sample.prepare_noise(latent, 5)
+run = lambda m: comfy.sample.sample(m, noise, 3, 4.5, "euler", "normal", pos, neg, latent, seed=5, disable_pbar=True)
+eager = run(model)
+compiled = TorchCompileModel.execute(model, "inductor").result[0]
+t0 = time.time()
+out = run(compiled)
+print(f"compiled KSampler run: {time.time() - t0:.1f} s")
+assert compiled.model_options.get("torch_compile_kwargs", {}).get("backend") == "inductor"
+assert torch.isfinite(out).all() and torch.allclose(out, eager, atol=1e-3, rtol=1e-3), float((out - eager).abs().max())
+print("compile checks passed")
+"""
+
+
+def test_torch_compile_model(base):
+    """ComfyUI's TorchCompileModel (inductor) accepts the Dimba MODEL; KSampler through it matches eager."""
+    result = subprocess.run([PYTHON, "-c", COMPILE, COMFYUI_PATH, str(REPO), str(base / "models")],
+                            cwd=COMFYUI_PATH, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "compile checks passed" in result.stdout
+    print(result.stdout)
