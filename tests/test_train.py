@@ -140,6 +140,27 @@ def test_two_processes_give_the_same_weights_as_one(env, lora_run, tmp_path):
     assert any(a[k].abs().max() > 0 for k in a if k.endswith("lora_up.weight"))
 
 
+def test_fsdp_full_finetune_matches_one_process_and_resumes(env, lora_run, tmp_path):
+    args = ["--checkpoint", str(env["checkpoint"]), "--data", str(env["data"]), "--cache-dir", str(env["cache"]),
+            "--image-size", "64", "--batch-size", "4", "--optimizer", "adamw", "--lr", "1e-3", "--warmup-steps", "0",
+            "--ema", "0.9", "--no-progress"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                "dimba_core", "train", "--fsdp"]
+    env_vars = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.run(torchrun + ["--out", str(tmp_path / "two"), "--steps", "1", *args], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300, env=env_vars)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run(torchrun + ["--out", str(tmp_path / "two"), "--steps", "2", "--resume", *args], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300, env=env_vars)
+    assert again.returncode == 0, again.stderr[-3000:]
+    one = train(options(env, tmp_path / "one", steps=2, lr=1e-3, ema_decay=0.9))
+    for kind, name in (("weights", "dimba_finetuned"), ("ema", "dimba_finetuned_ema")):
+        a, b = load_file(str(one[kind])), load_file(str(tmp_path / "two" / f"{name}.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
 def test_full_finetune_at_1024_writes_a_loadable_checkpoint(env, lora_run, tmp_path):
     result = train(options(env, tmp_path, steps=1, resolution=1024, grad_checkpointing=True, lr=1e-3,
                            precision="bf16"))

@@ -44,6 +44,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps")
     p.add_argument("--resume", nargs="?", const="latest",
                    help="continue from a checkpoint file, or from the latest in OUT/checkpoints")
+    p.add_argument("--fsdp", action="store_true",
+                   help="full fine-tuning under torchrun: shard weights, gradients and optimizer state (FSDP2) "
+                        "instead of replicating them (DDP); for Dimba-G-2")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available; torchrun: one GPU per process)")
     p.add_argument("--save-dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="dtype of the output")
     p.add_argument("--num-heads", type=int, help="attention heads if the checkpoint does not say (default 16)")

@@ -21,7 +21,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # arguments a resumed run must share with the run that wrote the checkpoint
 RESUME_KEYS = ("seed", "batch_size", "lora_rank", "lora_alpha", "resolution", "image_size", "optimizer",
-               "class_dropout_prob")
+               "class_dropout_prob", "fsdp")
 
 
 @dataclass
@@ -60,6 +60,7 @@ class TrainOptions:
     encode_batch_size: int = 8
     max_length: int = 300
     progress: bool = True
+    fsdp: bool = False  # shard a full fine-tune across processes (FSDP2) instead of replicating it (DDP)
 
 
 def seed_for(*parts: int) -> int:
@@ -253,9 +254,63 @@ class Sampler:
 
 # --- state ------------------------------------------------------------------------------------------
 
-def trainable_state(model, lora) -> dict:
-    """The trained tensors: the LoRA adapters, or the whole model's state dict."""
-    return {k: v.detach().clone() for k, v in (lora.state_dict() if lora is not None else model.state_dict()).items()}
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP) tensor gathered whole (a collective: every rank calls it); plain tensors as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def shard(model) -> None:
+    """FSDP2: each attention and Mamba block its own unit, the rest in the root unit."""
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    # Dimba's forward adds block outputs out of place, so FSDP's warning about returned views does not apply
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for block in [*model.blocks, *model.mamba_blocks]:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def placed_like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole tensor on param's device and dtype, sharded as param is under FSDP (a collective there)."""
+    whole = whole.to(param.device, param.dtype)
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(whole, param.device_mesh, param.placements)
+    return whole
+
+
+def full_model_state(model, fsdp: bool) -> dict:
+    """The model's whole state dict on the CPU; under FSDP a collective, complete on rank 0."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def gather_state(model, lora, optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """(trained tensors, optimizer state), whole and on the CPU; under FSDP a collective, complete on rank 0."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    trained = lora.state_dict() if lora is not None else model.state_dict()
+    return {k: v.detach().cpu().clone() for k, v in trained.items()}, optimizer.state_dict()
+
+
+def restore_state(model, lora, optimizer, state: dict, fsdp: bool) -> None:
+    """Load the trained tensors and the optimizer state of a checkpoint (each rank reads the whole file)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=state["trained"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+        return
+    (lora if lora is not None else model).load_state_dict(state["trained"])
+    optimizer.load_state_dict(state["optimizer"])
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -283,7 +338,7 @@ def load_checkpoint(opts: TrainOptions) -> dict:
     return state
 
 
-def write_outputs(opts: TrainOptions, model, lora, ema: dict | None, rank: int) -> dict:
+def write_outputs(opts: TrainOptions, model, lora, ema: dict | None, rank: int, model_sd: dict) -> dict:
     """OUT/dimba_lora.safetensors (LoRA) or OUT/dimba_finetuned.safetensors (full), plus *_ema with EMA."""
     from safetensors.torch import save_file
 
@@ -305,7 +360,7 @@ def write_outputs(opts: TrainOptions, model, lora, ema: dict | None, rank: int) 
             path = out / f"dimba_lora{suffix}.safetensors"
             meta = {"format": "pt", "dimba_config": model.config.to_json(), "rank": str(opts.lora_rank)}
         else:
-            sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+            sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model_sd.items()}
             if weights is not None:
                 sd.update({k: v.to("cpu", dtype).contiguous() for k, v in weights.items()})
             path = out / f"dimba_finetuned{suffix}.safetensors"
@@ -358,13 +413,17 @@ def _run(opts, model, cache, rank, world, device, micro) -> dict:
     if opts.grad_checkpointing:
         enable_checkpointing(model)
     trainee = Trainee(model, lora)
-    params = [p for p in trainee.parameters() if p.requires_grad]
-    names = [n for n, p in trainee.named_parameters() if p.requires_grad]
     net = trainee
-    if world > 1:
+    if opts.fsdp:
+        if lora is not None or world < 2:
+            raise ValueError("--fsdp shards a full fine-tune (no --lora-rank) across several processes (torchrun)")
+        shard(model)
+    elif world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(trainee, device_ids=[device.index] if device.type == "cuda" else None)
+    params = [p for p in trainee.parameters() if p.requires_grad]  # after sharding: FSDP swaps them for DTensors
+    names = [n for n, p in trainee.named_parameters() if p.requires_grad]
     lr = opts.lr or (1e-4 if lora is not None else 2e-5)
     optimizer = make_optimizer(opts.optimizer, params, lr, opts.weight_decay)
     warmup = opts.warmup_steps if opts.warmup_steps is not None else min(1000, opts.steps // 10)
@@ -375,12 +434,11 @@ def _run(opts, model, cache, rank, world, device, micro) -> dict:
     start = 0
     if opts.resume:
         state = load_checkpoint(opts)
-        (lora if lora is not None else model).load_state_dict(state["trained"])
-        optimizer.load_state_dict(state["optimizer"])
+        restore_state(model, lora, optimizer, state, opts.fsdp)
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema") is not None:
-            ema = {k: v.to(device) for k, v in state["ema"].items()}
+            ema = {n: placed_like(state["ema"][n], p) for n, p in zip(names, params)}
         torch.set_rng_state(state["rng"]["torch"])
         start = state["step"]
     sampler = Sampler(cache, opts.seed, opts.batch_size, opts.class_dropout_prob)
@@ -402,8 +460,10 @@ def _run(opts, model, cache, rank, world, device, micro) -> dict:
         for a in range(opts.grad_accum):
             first = a * per_step + rank * micro
             x0, t, y, mask, noise = sampler.batch(step, range(first, first + micro), null_caption, device)
-            sync = a == opts.grad_accum - 1 or world == 1
-            ctx = net.no_sync() if not sync else contextlib.nullcontext()
+            sync = a == opts.grad_accum - 1
+            if opts.fsdp:
+                model.set_requires_gradient_sync(sync)
+            ctx = net.no_sync() if not sync and world > 1 and not opts.fsdp else contextlib.nullcontext()
             with ctx, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 terms = training_losses(net, x0, t, y, mask, noise)
                 loss = terms["loss"].sum() * (world / opts.batch_size)
@@ -416,6 +476,7 @@ def _run(opts, model, cache, rank, world, device, micro) -> dict:
                                    f"the {backend} scan path bypasses them; train with another scan backend")
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm if opts.max_grad_norm > 0 else math.inf)
+        grad_norm = float(full_tensor(grad_norm))
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -439,10 +500,11 @@ def _run(opts, model, cache, rank, world, device, micro) -> dict:
                 bar.set_postfix(loss=f"{total[0]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 bar.update(1)
         if (opts.save_every and done % opts.save_every == 0) or done == opts.steps:
+            trained, optim_state = gather_state(model, lora, optimizer, opts.fsdp)
+            ema_copy = None if ema is None else {k: full_tensor(v).detach().cpu().clone() for k, v in ema.items()}
             if rank == 0:
-                ema_copy = None if ema is None else {k: v.detach().cpu().clone() for k, v in ema.items()}
-                save_atomic(dict(step=done, options=dataclasses.asdict(opts), trained=trainable_state(model, lora),
-                                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                save_atomic(dict(step=done, options=dataclasses.asdict(opts), trained=trained,
+                                 optimizer=optim_state, scheduler=scheduler.state_dict(),
                                  scaler=scaler.state_dict(), ema=ema_copy, rng={"torch": torch.get_rng_state()}),
                             out / "checkpoints" / f"step-{done:07d}.pt")
             barrier(world)
@@ -450,7 +512,8 @@ def _run(opts, model, cache, rank, world, device, micro) -> dict:
         bar.close()
     if log is not None:
         log.close()
-    paths = write_outputs(opts, model, lora, _strip(ema, lora), rank)
+    model_sd = full_model_state(model, opts.fsdp) if lora is None else {}
+    paths = write_outputs(opts, model, lora, _strip(ema, lora), rank, model_sd)
     barrier(world)
     return dict(paths, losses=losses, step_seconds=step_seconds, scan_backend=backend)
 
@@ -460,5 +523,5 @@ def _strip(ema: dict | None, lora) -> dict | None:
     if ema is None:
         return None
     prefix = "lora." if lora is not None else "model."
-    return {n[len(prefix):]: v.detach().cpu().clone() for n, v in ema.items()}
+    return {n[len(prefix):]: full_tensor(v).detach().cpu().clone() for n, v in ema.items()}
 
