@@ -53,10 +53,14 @@ class BiMambaMixer(nn.Module):
         self.D_b = nn.Parameter(torch.ones(self.d_inner))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        backend = ops.resolve_backend(self.backend, hidden.device)
-        self.last_backend = backend
+        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in self.parameters()))
+        backend = ops.resolve_backend(self.backend, hidden.device, needs_grad)
+        if not torch.compiler.is_compiling():  # bookkeeping for eager callers only
+            self.last_backend = backend
         if backend == "triton":
             return self._forward_fused(hidden)
+        if backend == "parallel":
+            return self._forward_stacked(hidden)
         xz = self.in_proj(hidden).transpose(1, 2)  # b, 2d, L
         x, z = xz.chunk(2, dim=1)
         y = self._scan(x, z, "", backend)
@@ -74,6 +78,23 @@ class BiMambaMixer(nn.Module):
         return scan(x, delta.contiguous(), -torch.exp(_fp32(A_log)), B.transpose(1, 2).contiguous(),
                     C.transpose(1, 2).contiguous(), _fp32(D), z.contiguous(),
                     delta_bias=_fp32(dt_proj.bias), delta_softplus=True)
+
+    def _forward_stacked(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Both directions as one problem (direction, batch, ...): one grouped conv, batched projections, one scan."""
+        b, length = hidden.shape[:2]
+        d, split = self.d_inner, [self.dt_rank, self.d_state, self.d_state]
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # b, d, L
+        pair = lambda fwd, bwd: torch.stack([fwd, bwd])  # noqa: E731  (forward, backward direction)
+        conv = ops.causal_conv1d(torch.cat([x, x.flip(-1)], dim=1),
+                                 torch.cat([self.conv1d.weight, self.conv1d_b.weight]).squeeze(1),
+                                 torch.cat([self.conv1d.bias, self.conv1d_b.bias]), "torch")
+        xs = conv.view(b, 2, d, length).transpose(0, 1)  # 2, b, d, L: the backward one on the reversed sequence
+        dt, B, C = torch.matmul(pair(self.x_proj.weight, self.x_proj_b.weight)[:, None], xs).split(split, dim=2)
+        y = ops.selective_scan_parallel(  # delta = dt_proj weights . dt: 2, b, d, L (inline: freed once biased)
+            xs, torch.matmul(pair(self.dt_proj.weight, self.dt_proj_b.weight)[:, None], dt), -torch.exp(_fp32(pair(self.A_log, self.A_b_log)))[:, None], B, C,
+            _fp32(pair(self.D, self.D_b))[:, None],
+            delta_bias=_fp32(pair(self.dt_proj.bias, self.dt_proj_b.bias))[:, None], delta_softplus=True)
+        return self.out_proj(((y[0] + y[1].flip(-1)) * F.silu(z)).transpose(1, 2))  # the gate shared by both
 
     def _forward_fused(self, hidden: torch.Tensor) -> torch.Tensor:
         """Both directions without flips or transposed copies: one bidirectional conv and one fused scan launch."""

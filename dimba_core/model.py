@@ -179,11 +179,11 @@ class Dimba(nn.Module):
 
     @property
     def scan_backend(self) -> str:
-        """The scan backend setting of the Mamba mixers (`auto`, `cuda`, `torch`, `ref` or `triton`)."""
+        """The scan backend setting of the Mamba mixers (`auto`, `cuda`, `parallel`, `torch`, `ref` or `triton`)."""
         return self.mamba_blocks[0].mixer.backend if len(self.mamba_blocks) else "none"
 
     def set_scan_backend(self, name: str) -> "Dimba":
-        """Select the scan backend of every Mamba mixer."""
+        """Select the scan backend of every Mamba mixer (see dimba_core.ops for what `auto` picks)."""
         for block in self.mamba_blocks:
             block.mixer.backend = ops.check_backend(name)
         return self
@@ -222,7 +222,10 @@ class Dimba(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
     def _check_inputs(self, x, timestep, y, mask):
-        """Validate shapes, cast to the weights' dtype, trim caption padding; returns x, t, y, key_mask."""
+        """Validate shapes, cast to the weights' dtype, build the key-padding mask; returns x, t, y, key_mask.
+
+        No host synchronisation on accelerators or while compiling (CUDA graphs, torch.compile can capture it).
+        """
         c, dtype = self.config, self.dtype
         if x.ndim != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"x must be B x {c.in_channels} x H x W latents, got shape {tuple(x.shape)}")
@@ -246,9 +249,13 @@ class Dimba(nn.Module):
                 mask = mask.repeat(b // mask.shape[0], 1)
             if mask.shape != y.shape[:2]:
                 raise ValueError(f"mask must be B x L = {tuple(y.shape[:2])}, got {tuple(mask.shape)}")
-            valid = mask.any(0).nonzero()
-            last = int(valid[-1]) + 1 if len(valid) else 1
-            y, mask = y[:, :last], mask[:, :last]  # drop padding no sample attends to
-            if not bool(mask.all()):
+            if x.device.type == "cpu" and not torch.compiler.is_compiling():
+                # eager CPU only: drop padding no sample attends to (reads the mask on the host, free there)
+                valid = mask.any(0).nonzero()
+                last = int(valid[-1]) + 1 if len(valid) else 1
+                y, mask = y[:, :last], mask[:, :last]
+                if bool(mask.all()):
+                    mask = None
+            if mask is not None:  # elsewhere no host sync: the key-padding mask alone hides the padding
                 key_mask = mask | ~mask.any(1, keepdim=True)  # a caption with no valid token sees all
         return x.to(dtype), t, y.to(device=x.device, dtype=dtype), key_mask

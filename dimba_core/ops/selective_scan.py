@@ -25,7 +25,7 @@ def _prepare(u, delta, delta_bias, delta_softplus):
 def _finish(y, u, D, z, out_dtype):
     """Add the D skip, gate by silu(z) and cast back."""
     if D is not None:
-        y = y + u * D[:, None].to(u.dtype)
+        y = y + u * D[..., None].to(u.dtype)
     if z is not None:
         y = y * F.silu(z.to(u.dtype))
     return y.to(out_dtype)

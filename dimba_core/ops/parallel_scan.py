@@ -1,0 +1,97 @@
+"""Selective scan as a parallel (log-depth) scan in plain PyTorch: the `parallel` backend for any device.
+
+Same contract as selective_scan_ref (.selective_scan), plus leading batch dimensions, so that both
+directions of the bidirectional mixer go through one call: u, delta, z: (..., d, L); B, C: (..., n, L);
+A: (..., d, n); D, delta_bias: (..., d); all broadcast against each other like numpy arrays.
+
+The sequence is cut into blocks of T positions, T chosen so that one (..., T, d, n) state tensor holds
+about BLOCK_ELEMENTS numbers: memory is bounded by the block whatever L is (about three such tensors
+live at once), and the op count is about 3 log2(T) + 8 per block. Inside a block the recurrence
+h_t = a_t h_{t-1} + b_t, with a_t = exp(delta_t A) <= 1 and b_t = delta_t B_t u_t, is solved by doubling
+(Hillis-Steele): after the step with offset k every position holds the composition of its last 2k steps,
+    h_t <- h_t + a_t h_{t-k},    a_t <- a_t a_{t-k},
+so log2(T) steps of three whole-block ops each. Only decays <= 1 are multiplied (no logs, no division),
+so it is as stable as the naive loop and underflows to 0 where that does. The state carried from the
+previous block is folded into the first input (b_0 + a_0 h_carry), so the blocks run one after another
+with nothing to fix up afterwards. State and arithmetic are float32 (float64 for float64 inputs).
+Autograd works through it: while gradients are recorded every op is out of place and each block is
+checkpointed (training memory stays about one block too); otherwise the h update runs in place.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .selective_scan import _finish, _prepare
+
+BLOCK_ELEMENTS = 3 << 24  # numbers in one (..., T, d, n) state tensor of a block (192 MiB in float32)
+
+
+def block_length(state_per_position: int, length: int) -> int:
+    """Positions in one block: as many as BLOCK_ELEMENTS allows (at least 16), at most the whole sequence."""
+    return max(1, min(length, max(16, BLOCK_ELEMENTS // max(1, state_per_position))))
+
+
+def _fold(h: torch.Tensor, a: torch.Tensor, k: int) -> torch.Tensor:
+    """h_t + a_t h_{t-k} for positions t >= k of the time axis (dim -3); a holds the decays of those positions.
+
+    In place when autograd is not recording (one block of memory less), out of place (cat) when it is.
+    """
+    if torch.is_grad_enabled():
+        return torch.cat([h[..., :k, :, :], torch.addcmul(h[..., k:, :, :], a, h[..., :-k, :, :])], dim=-3)
+    h[..., k:, :, :].add_(a * h[..., :-k, :, :])
+    return h
+
+
+def scan_block(a: torch.Tensor, b: torch.Tensor, carry: torch.Tensor | None = None) -> torch.Tensor:
+    """All states h_t = a_t h_{t-1} + b_t of one block by doubling; carry: the state before it (..., 1, d, n).
+
+    The step with offset k needs the decays only at positions t >= k, so they are kept as a shrinking tail:
+    a_tail[i] is the product of the k decays ending at position k + i.
+    """
+    h, k = b, 1
+    if carry is not None and torch.is_grad_enabled():  # h_0 = b_0 + a_0 carry
+        h = torch.cat([torch.addcmul(b[..., :1, :, :], a[..., :1, :, :], carry), b[..., 1:, :, :]], dim=-3)
+    elif carry is not None:
+        h[..., :1, :, :].addcmul_(a[..., :1, :, :], carry)
+    a = a[..., 1:, :, :]
+    while k < h.shape[-3]:
+        h = _fold(h, a, k)
+        a = a[..., k:, :, :] * a[..., :-k, :, :]
+        k *= 2
+    return h
+
+
+def _block(delta, u, A, B, C, carry):
+    """One block: decays and inputs (..., T, d, n), the doubling scan, the read-out C.h and the last state."""
+    h = scan_block((delta * A).exp_(), delta * u * B, carry)
+    return torch.matmul(h, C), h[..., -1:, :, :].clone()
+
+
+def selective_scan_parallel(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                            block_len: int | None = None):
+    """Parallel selective scan: blocks of block_len positions (default: from BLOCK_ELEMENTS), doubling inside."""
+    out_dtype = u.dtype
+    u, delta = _prepare(u, delta, delta_bias, delta_softplus)
+    dtype, length = u.dtype, u.shape[-1]
+    A = A.to(dtype).unsqueeze(-3)  # ..., 1, d, n
+    batch = torch.broadcast_shapes(u.shape[:-2], A.shape[:-3], B.shape[:-2], C.shape[:-2])
+    # time-major inside each batch entry: ..., L, d, 1 (decay, input) and ..., L, 1, n / ..., L, n, 1 (B, C)
+    delta_t, u_t = delta.transpose(-1, -2).unsqueeze(-1), u.transpose(-1, -2).unsqueeze(-1)
+    B_t = B.to(dtype).transpose(-1, -2).unsqueeze(-2)
+    C_t = C.to(dtype).transpose(-1, -2).contiguous().unsqueeze(-1)
+    T = block_len or block_length(math.prod(batch) * A.shape[-2] * A.shape[-1], length)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (delta_t, u_t, A, B_t, C_t))
+    ys, carry = [], None
+    for start in range(0, length, T):
+        part = slice(start, min(start + T, length))
+        args = (delta_t[..., part, :, :], u_t[..., part, :, :], A, B_t[..., part, :, :], C_t[..., part, :, :])
+        if grad:  # keep only the block's inputs for backward; recompute the rest
+            y, carry = checkpoint(_block, *args, carry, use_reentrant=False)
+        else:
+            y, carry = _block(*args, carry)
+        ys.append(y)
+    y = torch.cat(ys, dim=-3).squeeze(-1).transpose(-1, -2)  # ..., d, L
+    return _finish(y, u, D, z, out_dtype)
