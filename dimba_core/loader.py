@@ -297,7 +297,11 @@ def resolve_config(sd: dict, stored: dict | None = None, overrides: dict | None 
     try:
         config = DimbaConfig(**{**claims, **shapes})
     except (TypeError, ValueError) as e:
-        raise DimbaLoadError(f"{name}: {e}") from None
+        hint = ""
+        if "interleaving" in str(e):
+            hint = (f"; the file holds {shapes['depth']} attention and {int(shapes['mamba_ratio'] * shapes['depth'])} "
+                    "Mamba blocks, so blocks are missing (an incomplete file?)")
+        raise DimbaLoadError(f"{name}: {e}{hint}") from None
     _check_fill(sd, config, name)
     return config
 
