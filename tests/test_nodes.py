@@ -210,3 +210,20 @@ def test_packaging():
     assert not any(r.split("=")[0].split(">")[0].split("<")[0].strip().lower() == "torch" for r in reqs)
     assert {"PublisherId", "DisplayName", "Icon"} <= set(project["tool"]["comfy"])
     assert project["project"]["urls"]
+
+
+def test_registry_security_scan_is_clean():
+    """What `comfy node validate` flags (ruff S102 exec, S307 eval, E702 `;`) appears nowhere in the pack."""
+    import io
+    import tokenize
+
+    skip = {"venv", "build", "dist", "node_modules", "site-packages", "__pycache__"}
+    for path in REPO.rglob("*.py"):
+        if skip & set(path.relative_to(REPO).parts) or any(p.startswith(".") for p in path.relative_to(REPO).parts):
+            continue
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                assert node.func.id not in ("exec", "eval"), f"{path}:{node.lineno} calls {node.func.id}"
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            assert tok.string != ";" or tok.type != tokenize.OP, f"{path}:{tok.start[0]}: two statements on a line"
