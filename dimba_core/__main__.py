@@ -17,20 +17,98 @@ def convert_main(args) -> None:
     print(f"wrote {args.dst}: {model.config.to_json()}")
 
 
-def generate_main(args) -> None:
+def read_prompts(args) -> list[str]:
+    """--prompt values and --prompts-file lines (UTF-8), without blanks and repeats."""
     from pathlib import Path
-
-    import torch
-    from tqdm import tqdm
-
-    from .pipeline import DimbaPipeline, file_name
-    from .resolution import closest_bucket, parse_ratio
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        prompts += [p.strip() for p in Path(args.prompts_file).read_text().splitlines() if p.strip()]
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise ValueError(f"--prompts-file {path}: {'is a folder' if path.is_dir() else 'no such file'}; "
+                             "give a text file with one prompt per line")
+        try:
+            prompts += path.read_bytes().decode("utf-8-sig").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompts-file {path} is not UTF-8 text (bad byte at offset {e.start}); "
+                             "save it as UTF-8") from None
+    for text in prompts + [args.negative]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"the prompt {text!r} holds bytes that are not UTF-8 text; pass prompts as UTF-8 "
+                             "(or use --prompts-file)") from None
+    prompts = list(dict.fromkeys(p.strip() for p in prompts if p.strip()))
     if not prompts:
         raise ValueError("give --prompt TEXT or --prompts-file FILE")
+    return prompts
+
+
+def plan_outputs(args, prompts) -> dict:
+    """{prompt: [PNG path per batch index]}, checked before anything loads: folder usable, no file replaced."""
+    from pathlib import Path
+
+    from .pipeline import file_name
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the PNGs")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create this folder ({e.strerror}); give a writable folder") from None
+    plan = {p: [out / file_name(p, args.seed, i) for i in range(args.batch)] for p in prompts}
+    existing = [str(path) for paths in plan.values() for path in paths if path.exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f"{existing[0]} exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}; "
+                         "choose another --out folder, or pass --overwrite to replace them")
+    return plan
+
+
+def check_generate_args(args, prompts) -> None:
+    """Every check that needs no model: sizes, settings, devices, input paths, LoRA specs."""
+    import math
+    from pathlib import Path
+
+    from .lora import parse_lora_spec
+    from .pipeline import check_device, check_request, check_size
+    from .resolution import parse_prompt, parse_ratio
+
+    check_request(seed=args.seed, batch=args.batch, steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler)
+    check_size(args.width, args.height)
+    if args.ar is not None:
+        if args.width is not None or args.height is not None:
+            raise ValueError("give --ar or --width/--height, not both")
+        parse_ratio(args.ar)
+    for prompt in prompts:
+        _, size = parse_prompt(prompt)
+        if size is not None:
+            check_size(size[1], size[0])
+    if args.device is not None:
+        check_device(args.device, "--device")
+    check_device(args.t5_device, "--t5-device")
+    for flag in ("checkpoint", "t5", "vae", "tokenizer"):
+        value = getattr(args, flag)
+        if value is not None and not Path(value).exists():
+            raise ValueError(f"--{flag} {value}: no such file or folder")
+    for spec in args.lora:
+        path, strength = parse_lora_spec(spec)
+        if not Path(path).is_file():
+            raise ValueError(f"--lora {spec}: no such file {path}")
+        if not math.isfinite(strength):
+            raise ValueError(f"--lora {spec}: the strength must be a finite number")
+
+
+def generate_main(args) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from .pipeline import DimbaPipeline, native_resolution
+    from .resolution import closest_bucket, parse_ratio
+
+    prompts = read_prompts(args)
+    check_generate_args(args, prompts)
+    plan = plan_outputs(args, prompts)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     pipe = DimbaPipeline.from_files(args.checkpoint, args.t5, args.vae, device=args.device, dtype=dtype,
                                     t5_device=args.t5_device, tokenizer=args.tokenizer)
@@ -41,18 +119,13 @@ def generate_main(args) -> None:
             apply_lora(pipe.model, *parse_lora_spec(spec))
     width, height = args.width, args.height
     if args.ar:
-        from .pipeline import native_resolution
-
         height, width = closest_bucket(parse_ratio(args.ar), native_resolution(pipe.model))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for prompt in prompts:
+    for prompt, paths in plan.items():
         with tqdm(desc=prompt[:40], unit="step") as bar:
             results = pipe(prompt, negative=args.negative, width=width, height=height, steps=args.steps,
                            cfg_scale=args.cfg, sampler=args.sampler, seed=args.seed, batch=args.batch,
                            callback=lambda i, n, x, x0: (setattr(bar, "total", n), bar.update(1)))
-        for r in results:
-            path = out / file_name(r.prompt, r.seed, r.index)
+        for r, path in zip(results, paths):
             r.image.save(path)
             print(path)
 
@@ -79,18 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", help="prompt; may end with --ar h:w or --hw h:w (repeatable)")
     gen.add_argument("--prompts-file", help="one prompt per line")
     gen.add_argument("--negative", default="", help="negative prompt (default: empty, as the reference)")
-    gen.add_argument("--width", type=int, help="image width in px, multiple of 16")
-    gen.add_argument("--height", type=int, help="image height in px, multiple of 16")
+    gen.add_argument("--width", type=int, help="image width in px, multiple of 16, at most 4096")
+    gen.add_argument("--height", type=int, help="image height in px, multiple of 16, at most 4096")
     gen.add_argument("--ar", help="aspect ratio h:w, snapped to the reference buckets")
     gen.add_argument("--steps", type=int, help="sampling steps (default: dpmpp_2m 20, ddim 50, euler 30, iddpm 100, sa_solver 25)")
     gen.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale")
     gen.add_argument("--sampler", default="dpmpp_2m", choices=SAMPLERS)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--batch", type=int, default=1, help="images per prompt")
-    gen.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    gen.add_argument("--seed", type=int, default=0, help="0 to 2^64-1; the same seed gives the same image")
+    gen.add_argument("--batch", type=int, default=1, help="images per prompt (1 to 64)")
+    gen.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: cuda when available)")
     gen.add_argument("--dtype", choices=sorted(DTYPES), help="denoiser dtype (default fp16 on CUDA, fp32 on CPU)")
     gen.add_argument("--t5-device", default="cpu", help="where T5 runs (default cpu)")
-    gen.add_argument("--out", required=True, help="output folder for PNGs")
+    gen.add_argument("--out", required=True, help="output folder for PNGs (named prompt_hash_sSEED_INDEX.png)")
+    gen.add_argument("--overwrite", action="store_true", help="replace PNGs of the same name in --out")
     gen.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                      help="merge a LoRA (.safetensors) into the denoiser, strength 1 by default (repeatable)")
     gen.set_defaults(func=generate_main)
@@ -103,13 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from .loader import DimbaLoadError
+    from .pipeline import GenerationError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DimbaLoadError, ValueError, FileNotFoundError, ImportError) as e:
+    except (DimbaLoadError, ValueError, OSError, ImportError, GenerationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,21 +1,54 @@
 """Headless text-to-image: T5 captions -> Dimba sampling -> VAE decode -> PIL images."""
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
 import torch
 
+from .config import RESOLUTION_SETTINGS
 from .loader import load_dimba
 from .resolution import parse_prompt
-from .sampling import noise_like, sample
+from .sampling import check_seed, check_settings, noise_like, sample
 
 
-def check_size(width: int, height: int) -> None:
-    """Image sides must be positive multiples of 16 (VAE factor 8 x patch 2)."""
-    if width <= 0 or height <= 0 or width % 16 or height % 16:
+MAX_SIDE = 4096  # px: twice the largest published resolution (the 2048 px buckets reach 4096 on one side)
+MAX_BATCH = 64
+
+
+class GenerationError(RuntimeError):
+    """Sampling or decoding produced something that is not an image (NaN or infinite values)."""
+
+
+def check_size(width: int | None, height: int | None) -> None:
+    """Image sides must be multiples of 16 (VAE factor 8 x patch 2) from 16 to MAX_SIDE px (None: not given)."""
+    for name, v in (("width", width), ("height", height)):
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"image {name} must be a whole number of pixels, got {v!r}")
+        if not 16 <= v <= MAX_SIDE:
+            raise ValueError(f"image {name} {v} px is outside 16..{MAX_SIDE} px; Dimba was trained at up to 2048 px")
+    if any(v is not None and v % 16 for v in (width, height)):
+        w, h = (f"{max(16, v // 16 * 16)}" if v is not None else "?" for v in (width, height))
         raise ValueError(f"image size {width}x{height} is not divisible by 16; Dimba needs width and height "
-                         f"that are multiples of 16 px (e.g. {max(16, width // 16 * 16)}x{max(16, height // 16 * 16)})")
+                         f"that are multiples of 16 px (e.g. {w}x{h})")
+
+
+def check_device(name, what: str = "device") -> torch.device:
+    """A torch.device that exists on this machine, or a ValueError that says what to use instead."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{what} {name!r} is not a device name; use cpu, cuda, cuda:1 or mps") from None
+    backend = getattr(torch, device.type, None) if device.type != "mps" else torch.backends.mps
+    if device.type != "cpu" and not (backend is not None and backend.is_available()):
+        raise ValueError(f"{what} {name!r}: this PyTorch ({torch.__version__}) sees no {device.type} device; "
+                         "use --device cpu, or install a PyTorch build for your GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{what} {name!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def native_resolution(model) -> int:
@@ -55,7 +88,8 @@ class DimbaPipeline:
         from .text import T5TextEncoder
         from .vae import load_vae
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        t5_device = check_device(t5_device, "t5_device")
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         model = load_dimba(checkpoint, device=device, dtype=dtype, **model_overrides)
         text_encoder = T5TextEncoder.from_pretrained(t5, tokenizer=tokenizer, device=t5_device, dtype=t5_dtype)
@@ -67,20 +101,34 @@ class DimbaPipeline:
                  batch: int = 1, callback=None) -> list[Generation]:
         """Generate `batch` images for one prompt; a `--ar h:w` / `--hw h:w` suffix sets the size."""
         base = native_resolution(self.model)
-        prompt, size = parse_prompt(prompt, base if base in (512, 1024, 2048) else 1024)
+        prompt, size = parse_prompt(prompt, base if base in RESOLUTION_SETTINGS else 1024)
         if size and width is None and height is None:
             height, width = size
         width, height = width or base, height or base
         check_size(width, height)
+        check_request(seed=seed, batch=batch, steps=steps, cfg_scale=cfg_scale, sampler=sampler)
         cond, mask = self.text_encoder.encode([prompt])  # batch 1: sample() broadcasts it to the noise batch
         uncond, _ = self.text_encoder.encode([negative])
         cond, uncond = (t.to(self.device, self.model.dtype) for t in (cond, uncond))
         noise = noise_like((batch, self.model.config.in_channels, height // 8, width // 8), seed, self.device)
-        generator = torch.Generator("cpu").manual_seed(seed + 1)
         latents = sample(self.model, noise, cond, uncond, mask=mask.to(self.device), steps=steps,
-                         cfg_scale=cfg_scale, sampler=sampler, generator=generator, callback=callback)
+                         cfg_scale=cfg_scale, sampler=sampler, seed=seed, callback=callback)
+        if not torch.isfinite(latents).all():
+            raise GenerationError(f"sampling produced NaN or infinite latents for {prompt!r}: the model overflowed "
+                                  f"in {self.model.dtype}; try --dtype fp32 or bf16, or a lower cfg")
         images = self.vae.decode(latents.to(self.vae.device, self.vae.dtype))
+        if not torch.isfinite(images).all():
+            raise GenerationError(f"the VAE produced NaN or infinite pixels in {self.vae.dtype}: decode in float32")
         return [Generation(to_pil(img), prompt, seed, i) for i, img in enumerate(images)]
+
+
+def check_request(*, seed: int = 0, batch: int = 1, steps: int | None = None, cfg_scale: float = 4.5,
+                  sampler: str = "dpmpp_2m") -> None:
+    """Check generation settings before any model runs; raises a ValueError naming the setting."""
+    check_seed(seed)
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+        raise ValueError(f"batch must be a whole number from 1 to {MAX_BATCH}, got {batch!r}")
+    check_settings(sampler, steps, cfg_scale)
 
 
 def to_pil(image: torch.Tensor):
@@ -92,6 +140,10 @@ def to_pil(image: torch.Tensor):
 
 
 def file_name(prompt: str, seed: int, index: int) -> str:
-    """A safe PNG name from the prompt's first words, the seed and the batch index."""
-    slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] or "empty"
-    return f"{slug}_s{seed}_{index}.png"
+    """A safe PNG name: the prompt's first words, a hash of the whole prompt, the seed and the batch index.
+
+    The hash keeps names of distinct prompts distinct (non-Latin prompts, prompts sharing their start).
+    """
+    slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60].rstrip("_") or "prompt"
+    digest = hashlib.sha1(prompt.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{slug}_{digest}_s{seed}_{index}.png"

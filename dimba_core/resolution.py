@@ -1,6 +1,7 @@
 """The reference's aspect-ratio buckets and prompt suffixes (--ar h:w, --hw h:w)."""
 from __future__ import annotations
 
+import math
 import re
 
 # key h/w -> (h, w) at 1024 px; the 512 px table is this halved, 2048 px doubled.
@@ -30,27 +31,39 @@ def closest_bucket(ratio: float, base: int = 1024) -> tuple[int, int]:
 
 
 def parse_ratio(text: str) -> float:
-    """'16:9' or '1.5' -> h/w as a float (for --ar h:w)."""
+    """'16:9' or '1.5' -> h/w as a float (for --ar h:w); both sides positive and finite."""
+    parts = str(text).strip().split(":")
     try:
-        if ":" in text:
-            h, w = (float(v) for v in text.split(":"))
-            return h / w
-        return float(text)
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"cannot read aspect ratio {text!r}; write h:w such as 16:9, or a number h/w") from None
+        values = [float(v) for v in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"cannot read aspect ratio {text!r}; write h:w with two positive numbers such as 3:4, "
+                         "or one positive number h/w such as 0.75")
+    return values[0] / values[1] if len(values) == 2 else values[0]
 
 
-_SUFFIX = re.compile(r"\s*--(ar|hw)\s+([0-9.]+\s*:\s*[0-9.]+|[0-9.]+)\s*")
+def parse_hw(text: str) -> tuple[int, int]:
+    """'512:768' -> (512, 768): exact height and width in pixels (for --hw h:w)."""
+    parts = str(text).strip().split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"cannot read size {text!r}; write --hw height:width in pixels, such as 512:768")
+    h, w = (int(p) for p in parts)
+    return h, w
+
+
+_SUFFIX = re.compile(r"(?:^|\s)--(ar|hw)(?=\s|$)(?:\s+(?!--)(\S+))?")
 
 
 def parse_prompt(prompt: str, base: int = 1024) -> tuple[str, tuple[int, int] | None]:
-    """Strip the reference's `--ar h:w` (bucketed) or `--hw h:w` (exact pixels) suffix: (prompt, (h, w) or None)."""
+    """Strip the reference's `--ar h:w` (bucketed) or `--hw h:w` (exact pixels) suffix: (prompt, (h, w) or None).
+
+    A suffix without a value, or with a value that is not a positive size or ratio, is a ValueError.
+    """
     size = None
     for kind, value in _SUFFIX.findall(prompt):
-        value = value.replace(" ", "")
-        if kind == "ar":
-            size = closest_bucket(parse_ratio(value), base)
-        else:
-            h, w = (int(float(v)) for v in value.split(":"))
-            size = (h, w)
+        if not value:
+            raise ValueError(f"--{kind} in the prompt needs a value, such as --{kind} "
+                             f"{'3:4' if kind == 'ar' else '512:768'}")
+        size = closest_bucket(parse_ratio(value), base) if kind == "ar" else parse_hw(value)
     return _SUFFIX.sub(" ", prompt).strip(), size

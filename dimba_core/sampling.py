@@ -305,15 +305,7 @@ def sample(model, noise, cond, uncond, *, mask=None, steps: int | None = 20, cfg
     each step; raising from it stops sampling. init_latent with denoise < 1 starts from a noised image
     latent (img2img). Returns the final latent.
     """
-    if sampler not in SAMPLER_FNS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    steps = DEFAULT_STEPS[sampler] if steps is None else steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
-        raise ValueError(f"steps must be an integer from 1 to 1000, got {steps!r}")
-    if not math.isfinite(cfg_scale):
-        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
-    if not 0.0 < denoise <= 1.0:
-        raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+    steps = check_settings(sampler, steps, cfg_scale, denoise)
     if denoise < 1.0 and init_latent is None:
         raise ValueError("denoise < 1 needs init_latent (the encoded image to start from)")
     check_inputs(noise, cond, uncond, mask, uncond_mask, init_latent if denoise < 1.0 else None)
@@ -324,6 +316,20 @@ def sample(model, noise, cond, uncond, *, mask=None, steps: int | None = 20, cfg
     guided = cfg_denoiser(model, cond, uncond, mask, uncond_mask, cfg_scale, batch=noise.shape[0])
     return SAMPLER_FNS[sampler](guided, noise.float(), schedule, steps, callback=callback, init=init,
                                 t_start=t_start, generator=generator)
+
+
+def check_settings(sampler: str, steps: int | None, cfg_scale: float = 4.5, denoise: float = 1.0) -> int:
+    """Validate the sampler settings; returns the step count (the sampler's default for None)."""
+    if sampler not in SAMPLER_FNS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    steps = DEFAULT_STEPS[sampler] if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
+        raise ValueError(f"steps must be a whole number from 1 to 1000, got {steps!r}")
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg scale must be a finite number, got {cfg_scale!r}")
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+    return steps
 
 
 def check_inputs(noise, cond, uncond=None, mask=None, uncond_mask=None, init_latent=None) -> None:
