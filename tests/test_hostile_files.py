@@ -61,6 +61,12 @@ def _drop_last_block(sd):
         del sd[k]
 
 
+def _drop_last_block_mamba_everywhere(sd):
+    sd.clear()
+    sd.update(tiny_sd(mamba_ratio=1.0))
+    _drop_last_block(sd)
+
+
 MALFORMED = {
     "missing A_log": (_drop("mamba_blocks.0.mixer.A_log"), "A_log"),
     "missing conv": (_drop("mamba_blocks.0.mixer.conv1d.weight"), "conv1d.weight"),
@@ -79,6 +85,7 @@ MALFORMED = {
     "final layer not a multiple of the patch": (_set("final_layer.linear.weight", torch.zeros(31, 32)),
                                                 "final_layer.linear.weight"),
     "missing last block": (_drop_last_block, "blocks"),
+    "missing last block, Mamba after every block": (_drop_last_block_mamba_everywhere, "blocks"),
     "block index far away": (_set("blocks.99999999999.mlp.fc1.weight", torch.zeros(128, 32)), "blocks"),
     "mamba index far away": (_set("mamba_blocks.99999999999.norm.weight", torch.zeros(32)), "mamba_blocks"),
     "int8 weights": (lambda sd: sd.update({k: v.to(torch.int8) for k, v in sd.items()}), "int8"),
