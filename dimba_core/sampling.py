@@ -6,6 +6,7 @@ Latents are in the model's (scaled) latent space. A denoiser maps (x, t) with t 
 from __future__ import annotations
 
 import math
+import operator
 from typing import Callable
 
 import torch
@@ -278,20 +279,24 @@ MAX_SEED = 2**64 - 1  # ComfyUI's seed range: 0 .. 2^64 - 1
 
 def check_seed(seed) -> int:
     """A seed must be an integer from 0 to 2^64 - 1 (the range torch generators and ComfyUI accept)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+    try:
+        value = operator.index(seed)  # ints and numpy integers, not floats
+    except TypeError:
+        value = None
+    if isinstance(seed, bool) or value is None or not 0 <= value <= MAX_SEED:
         raise ValueError(f"seed must be an integer from 0 to 2^64 - 1, got {seed!r}")
-    return seed
+    return value
 
 
 def noise_like(shape, seed: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
     """Standard normal noise from a CPU generator seeded with `seed` (ComfyUI draws the same values)."""
-    g = torch.Generator("cpu").manual_seed(check_seed(int(seed)))
+    g = torch.Generator("cpu").manual_seed(check_seed(seed))
     return torch.randn(tuple(shape), generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
 def step_generator(seed: int) -> torch.Generator:
     """The CPU generator of the stochastic samplers' step noise for `seed`: seeded with seed + 1 (mod 2^64)."""
-    return torch.Generator("cpu").manual_seed((check_seed(int(seed)) + 1) % 2**64)
+    return torch.Generator("cpu").manual_seed((check_seed(seed) + 1) % 2**64)
 
 
 def sample(model, noise, cond, uncond, *, mask=None, steps: int | None = 20, cfg_scale: float = 4.5,

@@ -208,3 +208,43 @@ def test_batch_one_captions_broadcast_to_the_noise_batch():
     y = torch.zeros(1, 4, 8)
     out = sample(GaussianOracle(1.0), noise_like((3, 4, 4, 4), 0), y, y, mask=torch.ones(1, 4), steps=2)
     assert out.shape == (3, 4, 4, 4)
+
+
+def test_mismatched_inputs_are_named_errors():
+    """Shapes that do not fit together name the argument instead of failing inside torch.cat or the model."""
+    model, noise = GaussianOracle(1.0), noise_like((2, 4, 4, 4), 0)
+    y = torch.zeros(2, 4, 8)
+    cases = {
+        "uncond features are 6 wide": dict(uncond=torch.zeros(2, 4, 6)),
+        "uncond has 5 tokens": dict(uncond=torch.zeros(2, 5, 8)),
+        "uncond_mask must be 2 x 4": dict(uncond_mask=torch.ones(2, 3)),
+        "mask must be 2 x 4": dict(mask=torch.ones(3, 4)),  # a mask batch that is neither 1 nor 2: no tiling
+        "init_latent must have the noise's shape": dict(init_latent=torch.zeros(2, 4, 8, 8), denoise=0.5),
+        "cond has batch 3": dict(cond=torch.zeros(3, 4, 8)),
+        "noise must be": dict(noise=torch.zeros(4, 4, 4)),
+        "cfg scale must be a finite": dict(cfg_scale=float("nan")),
+    }
+    for message, kw in cases.items():
+        args = dict(noise=noise, cond=y, uncond=y, steps=2)
+        args.update(kw)
+        with pytest.raises(ValueError, match=message):
+            sample(model, args.pop("noise"), args.pop("cond"), args.pop("uncond"), **args)
+    with pytest.raises(ValueError, match="finite"):
+        sample(model, noise, y, y, cfg_scale=float("inf"), steps=2)
+
+
+@pytest.mark.parametrize("sampler", ["iddpm", "sa_solver"])
+def test_stochastic_samplers_are_reproducible_from_the_seed(sampler):
+    """Without a generator the step noise comes from the seed, never from the global RNG."""
+    y, noise = torch.zeros(1, 4, 8), noise_like((1, 4, 4, 4), 0)
+    run = lambda **kw: sample(GaussianOracle(1.0), noise, y, y, steps=6, sampler=sampler, **kw)  # noqa: E731
+    first = run()
+    torch.manual_seed(123)  # the global RNG must not matter
+    assert torch.equal(run(), first)
+    assert torch.equal(run(seed=0), first)
+    assert not torch.equal(run(seed=1), first)
+    largest = run(seed=2**64 - 1)  # ComfyUI's largest seed: the step generator wraps to 0
+    assert torch.equal(largest, run(generator=torch.Generator().manual_seed(0)))
+    for seed in (-1, 2**64, 1.5):
+        with pytest.raises(ValueError, match="seed must be"):
+            run(seed=seed)
