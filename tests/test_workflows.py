@@ -101,11 +101,16 @@ def test_workflows_name_the_tiny_assets(path):
                      "vae_name": tiny_assets.VAE_FILE}
 
 
+PREVIEW_ROOM = 540  # a sampler's widgets plus its live preview (512 px wide at most), measured in the frontend
+
+
 def test_nodes_do_not_overlap():
-    """No node overlaps another in the UI files (the sampler's live preview is drawn inside its node)."""
+    """No node overlaps another in the UI files, counting room below each sampler's widgets for its live preview."""
     for path in UI_FILES:
-        boxes = {n["id"]: (*n["pos"], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1] + 30)  # + title
-                 for n in json.loads(path.read_text())["nodes"]}
+        boxes = {}
+        for n in json.loads(path.read_text())["nodes"]:
+            height = max(n["size"][1], PREVIEW_ROOM if n["type"] in ("DimbaSampler", "KSampler") else 0)
+            boxes[n["id"]] = (*n["pos"], n["pos"][0] + n["size"][0], n["pos"][1] + height + 30)  # + title
         for a, (x0, y0, x1, y1) in boxes.items():
             for b, (u0, v0, u1, v1) in boxes.items():
                 assert a == b or x1 <= u0 or u1 <= x0 or y1 <= v0 or v1 <= y0, f"{path.name}: nodes {a} and {b} overlap"
