@@ -245,8 +245,8 @@ class Dimba(nn.Module):
         key_mask = None
         if mask is not None:
             mask = mask.reshape(mask.shape[0], -1).to(x.device) != 0
-            if mask.shape[0] != b:
-                mask = mask.repeat(b // mask.shape[0], 1)
+            if mask.shape[0] == 1 and b > 1:
+                mask = mask.expand(b, -1)  # one mask for the batch; any other batch mismatch is an error
             if mask.shape != y.shape[:2]:
                 raise ValueError(f"mask must be B x L = {tuple(y.shape[:2])}, got {tuple(mask.shape)}")
             if x.device.type == "cpu" and not torch.compiler.is_compiling():

@@ -248,3 +248,12 @@ def test_stochastic_samplers_are_reproducible_from_the_seed(sampler):
     for seed in (-1, 2**64, 1.5):
         with pytest.raises(ValueError, match="seed must be"):
             run(seed=seed)
+
+
+def test_model_refuses_a_mask_batch_it_would_have_to_tile():
+    model = Dimba(DimbaConfig(hidden_size=32, depth=2, num_heads=2, caption_channels=8)).eval()
+    x, y = torch.zeros(4, 4, 4, 4), torch.zeros(4, 5, 8)
+    with torch.no_grad():
+        assert model(x, 10.0, y, torch.ones(1, 5)).shape == (4, 8, 4, 4)  # one mask for all: broadcast
+        with pytest.raises(ValueError, match="mask must be"):
+            model(x, 10.0, y, torch.ones(2, 5))
