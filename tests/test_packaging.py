@@ -22,31 +22,37 @@ def tracked_files():
     return [REPO / p for p in out.decode().split("\0") if p and (REPO / p).is_file()]
 
 
-def test_readme_test_command_runs_in_a_checkout_named_comfyui_dimba(tmp_path):
-    """The README says `git clone ... ComfyUI-Dimba`; a folder name that is no Python identifier must work."""
-    command = re.search(r"^    (python -m pytest tests\S*.*)$", README, re.M).group(1).split()
-    checkout = tmp_path / "ComfyUI-Dimba"
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory):
+    """A copy of the working tree in a folder named as the README clones it, with ../shared beside it."""
+    root = tmp_path_factory.mktemp("clone")
+    checkout = root / "ComfyUI-Dimba"
     for path in tracked_files():
         target = checkout / path.relative_to(REPO)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
     if (REPO.parent / "shared").is_dir():
-        (tmp_path / "shared").symlink_to(REPO.parent / "shared", target_is_directory=True)
-    run = [sys.executable, *command[1:], "-p", "no:cacheprovider"]
-    collected = subprocess.run([*run, "--collect-only"], cwd=checkout, capture_output=True, text=True, timeout=300)
+        (root / "shared").symlink_to(REPO.parent / "shared", target_is_directory=True)
+    return checkout
+
+
+def test_readme_test_command_runs_in_a_checkout_named_comfyui_dimba(checkout):
+    """The README says `git clone ... ComfyUI-Dimba`; a folder name that is no Python identifier must work."""
+    command = re.search(r"^    (python -m pytest tests\S*.*)$", README, re.M).group(1).split()
+    collected = subprocess.run([sys.executable, *command[1:], "-p", "no:cacheprovider", "--collect-only"],
+                               cwd=checkout, capture_output=True, text=True, timeout=300)
     assert collected.returncode == 0 and " error" not in collected.stdout, collected.stdout[-3000:]
     part = subprocess.run([sys.executable, "-m", "pytest", "tests/test_model.py", "-q", "-p", "no:cacheprovider"],
-                          cwd=checkout,
-                          capture_output=True, text=True, timeout=600)
+                          cwd=checkout, capture_output=True, text=True, timeout=600)
     assert part.returncode == 0 and "passed" in part.stdout, part.stdout[-3000:]
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    """`pip install .` into a folder of its own (no dependencies: they are this environment's)."""
+def installed(checkout, tmp_path_factory):
+    """`pip install .` (of the copy: pip builds in the source folder) into a folder of its own, no dependencies."""
     target = tmp_path_factory.mktemp("site")
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                        "--disable-pip-version-check", "--target", str(target), str(REPO)],
+                        "--disable-pip-version-check", "--target", str(target), str(checkout)],
                        capture_output=True, text=True, timeout=600)
     if r.returncode and "setuptools" in r.stderr and "No module named" in r.stderr:
         pytest.skip("setuptools is not installed here")
