@@ -79,25 +79,33 @@ def cfg_denoiser(model, cond, uncond, mask=None, uncond_mask=None, cfg_scale: fl
     b = batch or cond.shape[0]
     cond = _caption(cond, b)
     mask = None if mask is None else _mask(mask, b, cond.device)
-    use_cfg = uncond is not None and cfg_scale != 1.0
-    if use_cfg:
-        uncond = _caption(uncond, b)
-        u_mask = mask if uncond_mask is None else _mask(uncond_mask, b, cond.device)
-        y = torch.cat([uncond, cond])
-        both = None if mask is None and u_mask is None else torch.cat(
-            [_ones_if_none(u_mask, uncond), _ones_if_none(mask, cond)])
+
     def split(out, c):
         return out[:, :c], (out[:, c:] if out.shape[1] > c else None)
 
-    def denoise(x, t):
-        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0]).to(x.device)
-        if not use_cfg:
-            return split(model(x, t, cond, mask), x.shape[1])
+    def conditional(x, t):
+        return split(model(x, _times(t, x), cond, mask), x.shape[1])
+
+    if uncond is None or cfg_scale == 1.0:
+        return conditional
+    uncond = _caption(uncond, b)
+    u_mask = mask if uncond_mask is None else _mask(uncond_mask, b, cond.device)
+    y = torch.cat([uncond, cond])
+    both = None if mask is None and u_mask is None else torch.cat(
+        [_ones_if_none(u_mask, uncond), _ones_if_none(mask, cond)])
+
+    def guided(x, t):
+        t = _times(t, x)
         out_u, out_c = model(torch.cat([x, x]), torch.cat([t, t]), y, both).chunk(2)
         (eps_u, _), (eps_c, v) = split(out_u, x.shape[1]), split(out_c, x.shape[1])
         return eps_u + cfg_scale * (eps_c - eps_u), v
 
-    return denoise
+    return guided
+
+
+def _times(t, x):
+    """A scalar model time as a float32 vector over the batch of x."""
+    return torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0]).to(x.device)
 
 
 def _caption(y, b):
@@ -116,16 +124,28 @@ def _ones_if_none(mask, y):
 
 # --- samplers -------------------------------------------------------------------------------------
 # Each takes (denoise, noise, schedule, steps) and optionally a callback, an init latent with the
-# fraction t_start of the schedule to run (img2img), and a generator for ancestral noise.
+# fraction t_start of the schedule to run (img2img); the stochastic ones (STOCHASTIC) also a generator.
 
 def _noised(noise, init, alpha: float, sigma: float):
     """The starting latent: pure noise, or the init latent noised to (alpha, sigma)."""
     return noise if init is None else alpha * init + sigma * noise
 
 
-def sample_dpmpp_2m(denoise, noise, schedule, steps, callback=None, init=None, t_start=1.0, **_):
+def continuous_grid(schedule, steps: int, t_start: float) -> torch.Tensor:
+    """steps + 1 time-uniform points of continuous time from t_start down to 1/N (DPM-Solver's grid)."""
+    return torch.linspace(t_start, 1.0 / schedule.N, steps + 1, dtype=torch.float64)
+
+
+def discrete_grid(schedule, steps: int, t_start: float) -> tuple[list[int], list[float]]:
+    """Descending IDDPM-respaced timesteps from round(t_start * N) - 1 to 0, and their alpha_bar (+ 1.0 at the end)."""
+    start = max(0, min(schedule.N - 1, round(t_start * schedule.N) - 1))
+    ts = schedule.respace(steps, start)[::-1]
+    return ts, [float(schedule.alphas_cumprod[t]) for t in ts] + [1.0]
+
+
+def sample_dpmpp_2m(denoise, noise, schedule, steps, callback=None, init=None, t_start=1.0):
     """DPM-Solver++ (data prediction) multistep order 2, time-uniform from t_start to 1/N, lower order final."""
-    ts = torch.linspace(t_start, 1.0 / schedule.N, steps + 1, dtype=torch.float64)
+    ts = continuous_grid(schedule, steps, t_start)
     lam, alpha, sigma = schedule.lambda_(ts), schedule.alpha(ts), schedule.sigma(ts)
     x = _noised(noise, init, float(alpha[0]), float(sigma[0]))
     x0_prev = None
@@ -144,16 +164,9 @@ def sample_dpmpp_2m(denoise, noise, schedule, steps, callback=None, init=None, t
     return x
 
 
-def _discrete_steps(schedule, steps, t_start):
-    """Descending respaced discrete timesteps from round(t_start * N) - 1 down to 0."""
-    start = max(0, min(schedule.N - 1, round(t_start * schedule.N) - 1))
-    return schedule.respace(steps, start)[::-1]
-
-
-def sample_ddim(denoise, noise, schedule, steps, callback=None, init=None, t_start=1.0, **_):
+def sample_ddim(denoise, noise, schedule, steps, callback=None, init=None, t_start=1.0):
     """DDIM with eta 0 on IDDPM-respaced discrete timesteps."""
-    ts = _discrete_steps(schedule, steps, t_start)
-    ac = [float(schedule.alphas_cumprod[t]) for t in ts] + [1.0]
+    ts, ac = discrete_grid(schedule, steps, t_start)
     x = _noised(noise, init, math.sqrt(ac[0]), math.sqrt(1 - ac[0]))
     for i, t in enumerate(ts):
         eps = denoise(x, float(t))[0]
@@ -164,10 +177,9 @@ def sample_ddim(denoise, noise, schedule, steps, callback=None, init=None, t_sta
     return x
 
 
-def sample_iddpm(denoise, noise, schedule, steps, callback=None, init=None, t_start=1.0, generator=None, **_):
+def sample_iddpm(denoise, noise, schedule, steps, callback=None, init=None, t_start=1.0, generator=None):
     """IDDPM ancestral sampling on respaced steps with the learned-range variance (channels 4..7)."""
-    ts = _discrete_steps(schedule, steps, t_start)
-    ac = [float(schedule.alphas_cumprod[t]) for t in ts] + [1.0]
+    ts, ac = discrete_grid(schedule, steps, t_start)
     x = _noised(noise, init, math.sqrt(ac[0]), math.sqrt(1 - ac[0]))
     for i, t in enumerate(ts):
         a_t, a_prev = ac[i], ac[i + 1]
@@ -187,11 +199,10 @@ def sample_iddpm(denoise, noise, schedule, steps, callback=None, init=None, t_st
     return x
 
 
-def sample_euler(denoise, noise, schedule, steps, callback=None, init=None, t_start=1.0, **_):
+def sample_euler(denoise, noise, schedule, steps, callback=None, init=None, t_start=1.0):
     """Euler on the probability-flow ODE in sigma = sqrt((1 - alpha_bar) / alpha_bar) over respaced steps."""
-    ts = _discrete_steps(schedule, steps, t_start)
-    sigmas = [math.sqrt((1 - float(schedule.alphas_cumprod[t])) / float(schedule.alphas_cumprod[t]))
-              for t in ts] + [0.0]
+    ts, ac = discrete_grid(schedule, steps, t_start)
+    sigmas = [math.sqrt((1 - a) / a) for a in ac]  # ends at 0
     z = noise * sigmas[0] if init is None else init + sigmas[0] * noise  # VE latent x / alpha
     for i, t in enumerate(ts):
         s = sigmas[i]
@@ -226,7 +237,7 @@ def _sa_coefficients(nodes, h: float, k: float, rescale: bool = False) -> list[f
 
 
 def sample_sa_solver(denoise, noise, schedule, steps, callback=None, init=None, t_start=1.0, generator=None,
-                     eta=1.0, predictor_order=2, corrector_order=2, **_):
+                     eta=1.0, predictor_order=2, corrector_order=2):
     """SA-Solver (Xue et al. 2023), data prediction, as the reference runs it ('few_steps', PEC, one call a step).
 
     Time-uniform from t_start to 1/N; noise scale tau(t) = eta for 0.2 <= t <= 0.8 (t the step's target),
@@ -238,7 +249,7 @@ def sample_sa_solver(denoise, noise, schedule, steps, callback=None, init=None, 
     drop while history is short; the final step is a first-order predictor alone (no model call).
     eta = 0 solves the probability-flow ODE; order 1 with eta 0 is DDIM (DPM-Solver++ first order).
     """
-    ts = torch.linspace(t_start, 1.0 / schedule.N, steps + 1, dtype=torch.float64)
+    ts = continuous_grid(schedule, steps, t_start)
     lam, alpha, sigma = schedule.lambda_(ts).tolist(), schedule.alpha(ts).tolist(), schedule.sigma(ts).tolist()
     x = _noised(noise, init, alpha[0], sigma[0])
 
@@ -270,6 +281,7 @@ def sample_sa_solver(denoise, noise, schedule, steps, callback=None, init=None, 
 
 SAMPLER_FNS: dict[str, Callable] = {"dpmpp_2m": sample_dpmpp_2m, "ddim": sample_ddim, "iddpm": sample_iddpm,
                                     "euler": sample_euler, "sa_solver": sample_sa_solver}
+STOCHASTIC = ("iddpm", "sa_solver")  # samplers that draw step noise (from a generator)
 
 
 # --- entry point ----------------------------------------------------------------------------------
@@ -314,13 +326,13 @@ def sample(model, noise, cond, uncond, *, mask=None, steps: int | None = 20, cfg
     if denoise < 1.0 and init_latent is None:
         raise ValueError("denoise < 1 needs init_latent (the encoded image to start from)")
     check_inputs(noise, cond, uncond, mask, uncond_mask, init_latent if denoise < 1.0 else None)
-    generator = step_generator(seed) if generator is None else generator
     schedule = schedule or DiscreteSchedule()
     init = None if denoise >= 1.0 else init_latent.float().to(noise.device)
     t_start = max(denoise, 2.0 / schedule.N)
     guided = cfg_denoiser(model, cond, uncond, mask, uncond_mask, cfg_scale, batch=noise.shape[0])
+    extra = {"generator": step_generator(seed) if generator is None else generator} if sampler in STOCHASTIC else {}
     return SAMPLER_FNS[sampler](guided, noise.float(), schedule, steps, callback=callback, init=init,
-                                t_start=t_start, generator=generator)
+                                t_start=t_start, **extra)
 
 
 def check_settings(sampler: str, steps: int | None, cfg_scale: float = 4.5, denoise: float = 1.0) -> int:
