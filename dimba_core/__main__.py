@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--force", action="store_true", help="replace DST if it exists (never the input itself)")
     conv.set_defaults(func=convert_main)
 
-    from .sampling import SAMPLERS
+    from .sampling import DEFAULT_STEPS, SAMPLERS
 
     gen = sub.add_parser("generate", help="text to image")
     gen.add_argument("--checkpoint", required=True, help="Dimba checkpoint (.pt/.safetensors)")
@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, help="image width in px, multiple of 16, at most 4096")
     gen.add_argument("--height", type=int, help="image height in px, multiple of 16, at most 4096")
     gen.add_argument("--ar", help="aspect ratio h:w, snapped to the reference buckets")
-    gen.add_argument("--steps", type=int, help="sampling steps (default: dpmpp_2m 20, ddim 50, euler 30, iddpm 100, sa_solver 25)")
+    defaults = ", ".join(f"{name} {n}" for name, n in DEFAULT_STEPS.items())
+    gen.add_argument("--steps", type=int, help=f"sampling steps (default: {defaults})")
     gen.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale")
     gen.add_argument("--sampler", default="dpmpp_2m", choices=SAMPLERS)
     gen.add_argument("--seed", type=int, default=0, help="0 to 2^64-1; the same seed gives the same image")

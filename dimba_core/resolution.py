@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 import re
 
+from .config import RESOLUTION_SETTINGS
+
 # key h/w -> (h, w) at 1024 px; the 512 px table is this halved, 2048 px doubled.
 ASPECT_RATIOS_1024 = {
     0.25: (512, 2048), 0.28: (512, 1856), 0.32: (576, 1792), 0.33: (576, 1728), 0.35: (576, 1664),
@@ -14,13 +16,12 @@ ASPECT_RATIOS_1024 = {
     1.67: (1280, 768), 1.75: (1344, 768), 2.0: (1408, 704), 2.09: (1472, 704), 2.4: (1536, 640),
     2.5: (1600, 640), 3.0: (1728, 576), 4.0: (2048, 512),
 }
-PE_INTERPOLATION = {512: 1.0, 1024: 2.0, 2048: 4.0}
 
 
 def aspect_ratios(base: int = 1024) -> dict[float, tuple[int, int]]:
     """Buckets {h/w: (h, w)} for a 512, 1024 or 2048 px model."""
-    if base not in PE_INTERPOLATION:
-        raise ValueError(f"base resolution {base} is not one of 512, 1024, 2048")
+    if base not in RESOLUTION_SETTINGS:
+        raise ValueError(f"base resolution {base} is not one of {', '.join(map(str, RESOLUTION_SETTINGS))}")
     return {r: (h * base // 1024, w * base // 1024) for r, (h, w) in ASPECT_RATIOS_1024.items()}
 
 
