@@ -10,12 +10,12 @@ live at once), and the op count is about 3 log2(T) + 8 per block. Inside a block
 h_t = a_t h_{t-1} + b_t, with a_t = exp(delta_t A) <= 1 and b_t = delta_t B_t u_t, is solved by doubling
 (Hillis-Steele): after the step with offset k every position holds the composition of its last 2k steps,
     h_t <- h_t + a_t h_{t-k},    a_t <- a_t a_{t-k},
-so log2(T) steps of three whole-block ops each. Only decays <= 1 are multiplied (no logs, no division),
+so log2(T) steps of two or three whole-block ops each. Only decays <= 1 are multiplied (no logs, no division),
 so it is as stable as the naive loop and underflows to 0 where that does. The state carried from the
 previous block is folded into the first input (b_0 + a_0 h_carry), so the blocks run one after another
 with nothing to fix up afterwards. State and arithmetic are float32 (float64 for float64 inputs).
 Autograd works through it: while gradients are recorded every op is out of place and each block is
-checkpointed (training memory stays about one block too); otherwise the h update runs in place.
+checkpointed (training memory stays about one block too).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .selective_scan import _finish, _prepare
 
-BLOCK_ELEMENTS = 3 << 24  # numbers in one (..., T, d, n) state tensor of a block (192 MiB in float32)
+BLOCK_ELEMENTS = 1 << 25  # numbers in one (..., T, d, n) state tensor of a block (128 MiB in float32)
 
 
 def block_length(state_per_position: int, length: int) -> int:
@@ -34,32 +34,29 @@ def block_length(state_per_position: int, length: int) -> int:
     return max(1, min(length, max(16, BLOCK_ELEMENTS // max(1, state_per_position))))
 
 
-def _fold(h: torch.Tensor, a: torch.Tensor, k: int) -> torch.Tensor:
-    """h_t + a_t h_{t-k} for positions t >= k of the time axis (dim -3); a holds the decays of those positions.
-
-    In place when autograd is not recording (one block of memory less), out of place (cat) when it is.
-    """
-    if torch.is_grad_enabled():
-        return torch.cat([h[..., :k, :, :], torch.addcmul(h[..., k:, :, :], a, h[..., :-k, :, :])], dim=-3)
-    h[..., k:, :, :].add_(a * h[..., :-k, :, :])
-    return h
-
-
 def scan_block(a: torch.Tensor, b: torch.Tensor, carry: torch.Tensor | None = None) -> torch.Tensor:
     """All states h_t = a_t h_{t-1} + b_t of one block by doubling; carry: the state before it (..., 1, d, n).
 
-    The step with offset k needs the decays only at positions t >= k, so they are kept as a shrinking tail:
-    a_tail[i] is the product of the k decays ending at position k + i.
+    The step with offset k needs the decays only at positions t >= k, so they are kept as a shrinking tail
+    (a[i] is the product of the k decays ending at position k + i). While autograd records, every op is
+    out of place; otherwise h ping-pongs between two buffers (one fused multiply-add a step, no temporaries).
     """
-    h, k = b, 1
-    if carry is not None and torch.is_grad_enabled():  # h_0 = b_0 + a_0 carry
+    grad, h, k = torch.is_grad_enabled(), b, 1
+    if carry is not None and grad:  # h_0 = b_0 + a_0 carry
         h = torch.cat([torch.addcmul(b[..., :1, :, :], a[..., :1, :, :], carry), b[..., 1:, :, :]], dim=-3)
     elif carry is not None:
         h[..., :1, :, :].addcmul_(a[..., :1, :, :], carry)
-    a = a[..., 1:, :, :]
+    a, spare = a[..., 1:, :, :], None
     while k < h.shape[-3]:
-        h = _fold(h, a, k)
-        a = a[..., k:, :, :] * a[..., :-k, :, :]
+        if grad:
+            h = torch.cat([h[..., :k, :, :], torch.addcmul(h[..., k:, :, :], a, h[..., :-k, :, :])], dim=-3)
+        else:
+            spare = torch.empty_like(h) if spare is None else spare
+            torch.addcmul(h[..., k:, :, :], a, h[..., :-k, :, :], out=spare[..., k:, :, :])
+            spare[..., :k, :, :] = h[..., :k, :, :]
+            h, spare = spare, h
+        if 2 * k < h.shape[-3]:
+            a = a[..., k:, :, :] * a[..., :-k, :, :]
         k *= 2
     return h
 
