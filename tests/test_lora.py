@@ -1,4 +1,9 @@
 """apply_lora: kohya/ComfyUI and PEFT key formats, merging equals the trained adapters, clear errors for bad files."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -7,6 +12,8 @@ from dimba_core import DimbaLoadError, apply_lora, ops
 from dimba_core.lora import parse_lora_spec
 from dimba_core.tiny_assets import tiny_dimba
 from dimba_core.train.lora import LoRANetwork
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def inputs(model, seed=0):
@@ -97,3 +104,41 @@ def test_parse_lora_spec():
     assert parse_lora_spec("a/b.safetensors:0.6") == ("a/b.safetensors", 0.6)
     assert parse_lora_spec("C:\\loras\\x.safetensors") == ("C:\\loras\\x.safetensors", 1.0)
     assert parse_lora_spec("C:\\x.safetensors:-1") == ("C:\\x.safetensors", -1.0)
+
+
+COMFY_CHECK = r"""
+import importlib, importlib.util, sys, torch
+comfy_path, repo, ckpt, lora = sys.argv[1:5]
+sys.path.insert(0, comfy_path)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.lora, comfy.utils
+spec = importlib.util.spec_from_file_location("ComfyUI_Dimba", f"{repo}/__init__.py", submodule_search_locations=[repo])
+pack = importlib.util.module_from_spec(spec); sys.modules[spec.name] = pack; spec.loader.exec_module(pack)
+host, core = importlib.import_module("ComfyUI_Dimba.nodes.host"), importlib.import_module("ComfyUI_Dimba.dimba_core")
+model = host.load_model(ckpt)
+sd = comfy.utils.load_torch_file(lora, safe_load=True)
+loaded = comfy.lora.load_lora(sd, comfy.lora.model_lora_keys_unet(model.model, {}))
+assert 3 * len(loaded) == len(sd), (len(loaded), len(sd))
+patched = model.clone()
+assert len(patched.add_patches(loaded, 0.7)) == len(loaded)
+patched.patch_model()
+got = patched.model.diffusion_model.state_dict()
+want = core.apply_lora(core.load_dimba(ckpt), lora, 0.7).state_dict()
+worst = max((got[k].float() - want[k].float()).abs().max().item() for k in want)
+assert worst < 1e-6, worst
+print("comfy-lora-ok", len(loaded), worst)
+"""
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="set COMFYUI_PATH to a ComfyUI checkout for the host tier")
+def test_comfyui_lora_loader_patches_what_apply_lora_merges(tmp_path):
+    """ComfyUI's LoRA loading (LoraLoaderModelOnly's path) on the Dimba MODEL equals the headless merge."""
+    from dimba_core.loader import save_safetensors
+
+    save_safetensors(tiny_dimba(), tmp_path / "dimba.safetensors")
+    save_file(trained_network(tiny_dimba()).to_comfy_state_dict(), str(tmp_path / "lora.safetensors"))
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    r = subprocess.run([python, "-c", COMFY_CHECK, os.environ["COMFYUI_PATH"], str(ROOT), str(tmp_path / "dimba.safetensors"),
+                        str(tmp_path / "lora.safetensors")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "comfy-lora-ok" in r.stdout, r.stdout + r.stderr[-3000:]
