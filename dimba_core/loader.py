@@ -21,6 +21,7 @@ import torch
 
 from .config import DimbaConfig
 from .model import Dimba
+from .weights import DimbaLoadError, check_keys, open_safetensors
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 PREFIXES = ("module.", "model.diffusion_model.", "diffusion_model.", "model.")
@@ -29,10 +30,6 @@ CONFIG_KEY = "dimba_config"
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SAFE_PICKLE_TORCH = (2, 6)  # before 2.6, torch.load(weights_only=True) can still run code (CVE-2025-32434)
 FILL_SLACK = 1 << 20  # values a zero-filled optional buffer may have beyond the checkpoint's own
-
-
-class DimbaLoadError(ValueError):
-    """A checkpoint that cannot be loaded as a Dimba model; the message says why and what to do."""
 
 
 def torch_version() -> tuple[int, ...]:
@@ -70,54 +67,6 @@ def read_state_dict(source, *, ema: bool = False) -> tuple[dict, dict | None, st
 
 def _name(source) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else "<state dict>"
-
-
-@contextlib.contextmanager
-def open_safetensors(path):
-    """safe_open(path) on the CPU; a bad header, a short file or an unreadable tensor is one DimbaLoadError."""
-    import safetensors
-
-    def corrupt(err):
-        return DimbaLoadError(f"{path}: cannot read this safetensors file ({err}); it is truncated or corrupt, "
-                              "download or convert it again")
-
-    try:
-        f = safetensors.safe_open(str(path), framework="pt", device="cpu")
-    except MemoryError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for bad headers and short files
-        raise corrupt(e) from None
-    with f:
-        try:
-            yield f
-        except getattr(safetensors, "SafetensorError", ()) as e:
-            raise corrupt(e) from None
-
-
-def check_weights_folder(path: Path, what: str, alternative: str) -> None:
-    """A Hugging Face/diffusers folder must hold config.json and intact .safetensors weights (headers read)."""
-    weights = sorted(Path(path).glob("*.safetensors"))
-    if not weights:
-        raise DimbaLoadError(f"{path} has no .safetensors weights; pickled .bin weights are not loaded: convert "
-                             f"them to safetensors or use {alternative}")
-    if not (Path(path) / "config.json").is_file():
-        raise DimbaLoadError(f"{path} has no config.json; a {what} folder holds config.json beside its "
-                             f".safetensors weights (or use {alternative})")
-    for file in weights:
-        with open_safetensors(file):
-            pass
-
-
-def load_guarded(build, path, what: str):
-    """build(); a failure caused by the file's contents becomes one DimbaLoadError naming path."""
-    try:
-        return build()
-    except (DimbaLoadError, ImportError, MemoryError):
-        raise
-    except Exception as err:
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise DimbaLoadError(f"{path}: cannot load a {what} from it ({type(err).__name__}: {first}); it is "
-                             f"damaged or not a {what}") from None
 
 
 def _read_safetensors(path: Path):
@@ -324,19 +273,8 @@ def _check_fill(sd: dict, config: DimbaConfig, name: str) -> None:
 
 def check_state_dict(model: torch.nn.Module, sd: dict, name: str) -> None:
     """Raise one DimbaLoadError listing missing, unexpected and mis-shaped keys."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k} {tuple(sd[k].shape)} (expected {expected[k]})" for k in expected
-             if k in sd and tuple(sd[k].shape) != expected[k]]
-    problems = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
-        if items:
-            more = f" and {len(items) - 5} more" if len(items) > 5 else ""
-            problems.append(f"{label}: {', '.join(items[:5])}{more}")
-    if problems:
-        raise DimbaLoadError(f"{name}: does not match the Dimba architecture {model.config.to_dict()}: "
-                             + "; ".join(problems))
+    check_keys({k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in sd.items()}, name,
+               f"the Dimba architecture {model.config.to_dict()}")
 
 
 def _check_num_heads(num_heads, name: str) -> None:

@@ -10,19 +10,13 @@ from pathlib import Path
 import torch
 from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
-from .loader import DimbaLoadError, check_weights_folder, load_guarded, open_safetensors
+from .weights import (DimbaLoadError, check_keys, check_weights_folder, key_prefix, load_guarded, open_safetensors,
+                      show, weights_source)
 
 MAX_LENGTH = 300
 ANCHOR_KEY = "encoder.block.0.layer.0.SelfAttention.q.weight"
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 QUANT_EXTRA = (".scale_input", ".input_scale", ".comfy_quant")
-
-
-def _show(keys, limit=8):
-    """Short printable list of keys."""
-    keys = sorted(keys)
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
 
 
 def _has_tokenizer(folder) -> bool:
@@ -113,20 +107,12 @@ def _infer_config(shapes: dict) -> T5Config:
         is_encoder_decoder=False, use_cache=False)
 
 
-def _file_prefix(path, keys) -> str:
-    """The prefix in front of T5 encoder keys in a file (e.g. 'text_encoders.t5xxl.transformer.')."""
-    found = sorted((k[: -len(ANCHOR_KEY)] for k in keys if k.endswith(ANCHOR_KEY)), key=len)
-    if not found:
-        raise DimbaLoadError(f"{path} is not a T5 encoder file: no key ending in '{ANCHOR_KEY}'; pass a T5 v1.1 "
-                             "XXL encoder (e.g. t5xxl_fp16.safetensors) or its Hugging Face folder")
-    return found[0]
-
-
 def read_t5_file(path, dtype=torch.float32):
     """Read a single-file T5 encoder: stripped keys, fp8 upcast and scaled, plus the inferred config."""
     with open_safetensors(path) as f:
         keys = list(f.keys())
-        prefix = _file_prefix(path, keys)
+        prefix = key_prefix(path, keys, ANCHOR_KEY, "T5 encoder",
+                            "a T5 v1.1 XXL encoder (e.g. t5xxl_fp16.safetensors) or its Hugging Face folder")
         names = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
         if "shared.weight" not in names and "encoder.embed_tokens.weight" in names:
             names["shared.weight"] = names["encoder.embed_tokens.weight"]
@@ -162,14 +148,10 @@ def _build_from_file(path, dtype) -> T5EncoderModel:
     state, config = read_t5_file(path, dtype)
     with torch.device("meta"):
         model = T5EncoderModel(config)
-    expected = {k: list(v.shape) for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
-    missing = set(expected) - set(state)
-    wrong = {k for k in expected if k in state and list(state[k].shape) != expected[k]}
-    if missing or wrong:
-        raise DimbaLoadError(
-            f"{path} does not match a T5 encoder of the inferred shape "
-            f"(d_model {config.d_model}, {config.num_layers} layers, {config.num_heads} heads): "
-            f"missing keys: {_show(missing) or 'none'}; wrong shapes: {_show(wrong) or 'none'}")
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    check_keys(expected, {k: v.shape for k, v in state.items()}, path,
+               f"a T5 encoder of the inferred shape (d_model {config.d_model}, {config.num_layers} layers, "
+               f"{config.num_heads} heads)", unexpected_ok=True)
     model.load_state_dict({k: state[k] for k in expected}, strict=False, assign=True)
     model.tie_weights()
     if model.encoder.embed_tokens.weight.is_meta:
@@ -186,8 +168,9 @@ def _build_from_folder(path, dtype) -> T5EncoderModel:
     missing = [k for k in info.get("missing_keys", []) if k != "encoder.embed_tokens.weight"]
     wrong = [str(k) for k in info.get("mismatched_keys", [])]
     if missing or wrong:
-        raise DimbaLoadError(f"{path}: T5 weights do not match config.json: missing keys: "
-                         f"{_show(missing) or 'none'}; wrong shapes: {_show(wrong) or 'none'}")
+        report = "; ".join(f"{label}: {show(items)}" for label, items in (("missing keys", missing),
+                                                                          ("wrong shapes", wrong)) if items)
+        raise DimbaLoadError(f"{path}: T5 weights do not match config.json: {report}")
     return model
 
 
@@ -202,17 +185,9 @@ class T5TextEncoder:
     @classmethod
     def from_pretrained(cls, path, *, tokenizer=None, device="cpu", dtype=torch.float32):
         """Load from a Hugging Face folder or a single t5xxl .safetensors file."""
-        path = Path(path)
-        if path.is_dir() and not (path / "config.json").is_file() and (path / "text_encoder").is_dir():
-            path = path / "text_encoder"
-        if path.is_dir():
-            model = load_guarded(lambda: _build_from_folder(path, dtype), path, "T5 encoder")
-        elif path.is_file() and path.suffix.lower() == ".safetensors":
-            model = load_guarded(lambda: _build_from_file(path, dtype), path, "T5 encoder")
-        elif path.exists():
-            raise DimbaLoadError(f"{path}: expected a T5 model folder or a .safetensors file")
-        else:
-            raise FileNotFoundError(f"T5 model not found: {path}")
+        kind, path = weights_source(path, "T5 model", "text_encoder")
+        build = _build_from_folder if kind == "folder" else _build_from_file
+        model = load_guarded(lambda: build(path, dtype), path, "T5 encoder")
         tok = load_tokenizer(find_tokenizer_dir(path, tokenizer))
         return cls(model, tok, dtype=dtype).to(device=device)
 

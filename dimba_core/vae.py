@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .loader import DimbaLoadError, check_weights_folder, load_guarded, open_safetensors
+from .weights import DimbaLoadError, check_keys, check_weights_folder, key_prefix, load_guarded, open_safetensors, weights_source
 
 SDXL_SCALING_FACTOR = 0.13025
 SD_SCALING_FACTOR = 0.18215
@@ -35,12 +35,6 @@ def _diffusers():
     except ImportError as err:
         raise ImportError("decoding latents needs diffusers: pip install diffusers") from err
     return AutoencoderKL
-
-
-def _show(keys, limit=8):
-    """Short printable list of keys."""
-    keys = sorted(keys)
-    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def ldm_to_diffusers(state: dict) -> dict:
@@ -85,11 +79,8 @@ def read_vae_file(path) -> dict:
     """VAE weights from one .safetensors file, prefix stripped (first_stage_model., vae., ...), diffusers names."""
     with open_safetensors(path) as f:
         keys = list(f.keys())
-        found = sorted((k[: -len(ANCHOR_KEY)] for k in keys if k.endswith(ANCHOR_KEY)), key=len)
-        if not found:
-            raise DimbaLoadError(f"{path} is not a VAE file: no key ending in '{ANCHOR_KEY}'; pass the SDXL VAE "
-                                 "(e.g. sdxl_vae.safetensors) or a diffusers VAE folder")
-        prefix = found[0]
+        prefix = key_prefix(path, keys, ANCHOR_KEY, "VAE", "the SDXL VAE (e.g. sdxl_vae.safetensors) or a diffusers "
+                            "VAE folder")
         parts = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
         state = {k[len(prefix):]: f.get_tensor(k) for k in keys
                  if k.startswith(prefix) and k[len(prefix):].startswith(parts)}
@@ -111,12 +102,9 @@ def _build_from_file(path, dtype, config):
                              "damaged or not a VAE") from None
     with torch.device("meta"):
         model = AutoencoderKL(**cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = set(expected) - set(state)
-    wrong = {k for k in expected if k in state and tuple(state[k].shape) != expected[k]}
-    if missing or wrong:
-        raise DimbaLoadError(f"{path} does not match an AutoencoderKL with {cfg['block_out_channels']} channels: "
-                         f"missing keys: {_show(missing) or 'none'}; wrong shapes: {_show(wrong) or 'none'}")
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_keys(expected, {k: v.shape for k, v in state.items()}, path,
+               f"an AutoencoderKL with {cfg['block_out_channels']} channels", unexpected_ok=True)
     model.load_state_dict({k: state[k].to(dtype) for k in expected}, strict=True, assign=True)
     return model
 
@@ -181,19 +169,13 @@ def load_vae(path, *, device="cpu", dtype=torch.float32, scaling_factor=None, co
     scaling_factor overrides the folder's config; for single files it defaults to 0.13025 (SDXL).
     config overrides inferred AutoencoderKL settings of single files (e.g. norm_num_groups).
     """
-    path = Path(path)
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
-        path = path / "vae"
-    if path.is_dir():
+    kind, path = weights_source(path, "VAE", "vae")
+    if kind == "folder":
         model = load_guarded(lambda: _build_from_folder(path, dtype), path, "VAE")
         default_scale = model.config.scaling_factor
-    elif path.is_file() and path.suffix.lower() == ".safetensors":
+    else:
         model = load_guarded(lambda: _build_from_file(path, dtype, config), path, "VAE")
         default_scale = SDXL_SCALING_FACTOR
-    elif path.exists():
-        raise DimbaLoadError(f"{path}: expected a diffusers VAE folder or a .safetensors file")
-    else:
-        raise FileNotFoundError(f"VAE not found: {path}")
     scale = default_scale if scaling_factor is None else scaling_factor
     shift = getattr(model.config, "shift_factor", None)
     return VAE(model, scale, shift).to(device=device)
