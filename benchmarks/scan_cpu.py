@@ -1,15 +1,18 @@
-"""CPU benchmark: the `torch` selective scan against the naive per-step reference, in one process.
+"""CPU benchmark of the pure-PyTorch scans, in one process: `torch` (the baseline), `parallel`, naive `ref`.
 
-    python benchmarks/scan_cpu.py [--length 4096] [--batch 2] [--dim 2304] [--state 16]
+    python -m benchmarks.scan_cpu [--lengths 1024 4096] [--batch 2] [--dim 2304] [--state 16] [--ref]
 
-Prints both times, the speed-up and the relative error; not a test (no timed assertions).
+For each L: one selective scan (one direction) and one whole bidirectional mixer at Dimba-L-2 width
+(d_model = dim / 2), inference mode, best of --repeats; prints seconds, the ratio to `torch` and the
+relative error to `torch`. This is the measurement behind `auto` picking `torch` on the CPU. Not a test.
 """
 import argparse
 import time
 
 import torch
 
-from dimba_core.ops import selective_scan_ref, selective_scan_torch
+from dimba_core.mamba import BiMambaMixer
+from dimba_core.ops import SCANS
 
 
 def timed(fn, repeats):
@@ -21,28 +24,45 @@ def timed(fn, repeats):
     return best, out
 
 
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--length", type=int, default=4096)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--dim", type=int, default=2304)
     p.add_argument("--state", type=int, default=16)
-    p.add_argument("--chunk", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--ref", action="store_true", help="also time the naive per-step reference (slow)")
     a = p.parse_args()
-    g = torch.Generator().manual_seed(0)
-    b, d, n, L = a.batch, a.dim, a.state, a.length
-    kw = dict(u=torch.randn(b, d, L, generator=g), delta=0.5 * torch.randn(b, d, L, generator=g),
-              A=-torch.exp(torch.randn(d, n, generator=g)), B=torch.randn(b, n, L, generator=g),
-              C=torch.randn(b, n, L, generator=g), D=torch.randn(d, generator=g), z=torch.randn(b, d, L, generator=g),
-              delta_bias=0.5 * torch.randn(d, generator=g), delta_softplus=True)
-    print(f"batch {b}, d_inner {d}, d_state {n}, L {L}, threads {torch.get_num_threads()}, torch {torch.__version__}")
-    t_fast, y_fast = timed(lambda: selective_scan_torch(**kw, chunk_size=a.chunk), a.repeats)
-    t_ref, y_ref = timed(lambda: selective_scan_ref(**kw), 1)
-    err = ((y_fast - y_ref).norm() / y_ref.norm()).item()
-    print(f"naive reference : {t_ref:8.3f} s")
-    print(f"torch (chunk {a.chunk}): {t_fast:8.3f} s")
-    print(f"speed-up        : {t_ref / t_fast:8.2f}x   relative L2 error {err:.2e}")
+    b, d, n = a.batch, a.dim, a.state
+    backends = ["torch", "parallel"] + ["ref"] * a.ref
+    print(f"batch {b}, d_inner {d}, d_state {n}, threads {torch.get_num_threads()}, torch {torch.__version__}")
+    torch.manual_seed(0)
+    mixer = BiMambaMixer(d // 2, d_state=n)
+    for L in a.lengths:
+        g = torch.Generator().manual_seed(L)
+        kw = dict(u=torch.randn(b, d, L, generator=g), delta=0.5 * torch.randn(b, d, L, generator=g),
+                  A=-torch.exp(torch.randn(d, n, generator=g)), B=torch.randn(b, n, L, generator=g),
+                  C=torch.randn(b, n, L, generator=g), D=torch.randn(d, generator=g),
+                  z=torch.randn(b, d, L, generator=g), delta_bias=0.5 * torch.randn(d, generator=g),
+                  delta_softplus=True)
+        x = torch.randn(b, L, d // 2, generator=g)
+        for what in ("scan", "mixer"):
+            base = None
+            for backend in backends:
+                if what == "scan":
+                    fn = lambda: SCANS[backend](**kw)  # noqa: E731
+                else:
+                    mixer.backend = backend
+                    fn = lambda: mixer(x)  # noqa: E731
+                with torch.inference_mode():
+                    sec, out = timed(fn, a.repeats if backend != "ref" else 1)
+                base = base or (sec, out)
+                print(f"L {L:6d} {what:5s} {backend:9s} {sec:8.3f} s  x{sec / base[0]:6.2f} vs torch  "
+                      f"rel err {rel(out, base[1]):.1e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -38,10 +38,11 @@ def scan_block(a: torch.Tensor, b: torch.Tensor, carry: torch.Tensor | None = No
     """All states h_t = a_t h_{t-1} + b_t of one block by doubling; carry: the state before it (..., 1, d, n).
 
     The step with offset k needs the decays only at positions t >= k, so they are kept as a shrinking tail
-    (a[i] is the product of the k decays ending at position k + i). While autograd records, every op is
-    out of place; otherwise h ping-pongs between two buffers (one fused multiply-add a step, no temporaries).
+    (a[i] is the product of the k decays ending at position k + i). While autograd records (or a compiler
+    traces), every op is out of place; otherwise h ping-pongs between two buffers (one fused multiply-add a
+    step, no temporaries).
     """
-    grad, h, k = torch.is_grad_enabled(), b, 1
+    grad, h, k = torch.is_grad_enabled() or torch.compiler.is_compiling(), b, 1  # compilers plan memory themselves
     if carry is not None and grad:  # h_0 = b_0 + a_0 carry
         h = torch.cat([torch.addcmul(b[..., :1, :, :], a[..., :1, :, :], carry), b[..., 1:, :, :]], dim=-3)
     elif carry is not None:
