@@ -10,16 +10,11 @@ from pathlib import Path
 
 import torch
 
-from .loader import DimbaLoadError
+from .weights import DimbaLoadError, open_safetensors, show
 
 PREFIXES = ("diffusion_model.", "model.diffusion_model.", "lora_unet_")
 PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
          ".alpha": "alpha"}
-
-
-def _show(items, limit=5) -> str:
-    items = sorted(items)
-    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def read_lora(source) -> tuple[dict, str]:
@@ -34,12 +29,8 @@ def read_lora(source) -> tuple[dict, str]:
     if path.suffix != ".safetensors":
         raise DimbaLoadError(f"{path}: LoRA files are read as .safetensors only (pickles could run code); "
                              "convert it to .safetensors")
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path)), str(path)
-    except Exception as e:
-        raise DimbaLoadError(f"{path}: cannot read this safetensors file ({e}); it is truncated or corrupt") from None
+    with open_safetensors(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, str(path)
 
 
 def group_lora(sd: dict, weight_keys, name: str) -> dict:
@@ -61,13 +52,13 @@ def group_lora(sd: dict, weight_keys, name: str) -> dict:
         groups.setdefault(target, {})[PARTS[part]] = value
     if stray:
         raise DimbaLoadError(f"{name}: not a LoRA for this Dimba model: keys that match no Dimba weight or LoRA "
-                             f"format: {_show(stray)} (expected diffusion_model.<key>.lora_down.weight / "
+                             f"format: {show(stray)} (expected diffusion_model.<key>.lora_down.weight / "
                              ".lora_up.weight / .alpha, or lora_A / lora_B)")
     if not groups:
         raise DimbaLoadError(f"{name}: holds no LoRA weights")
     half = [k for k, g in groups.items() if "down" not in g or "up" not in g]
     if half:
-        raise DimbaLoadError(f"{name}: LoRA incomplete: up or down matrix missing for {_show(half)}")
+        raise DimbaLoadError(f"{name}: LoRA incomplete: up or down matrix missing for {show(half)}")
     return groups
 
 

@@ -116,19 +116,12 @@ def load_for_training(opts: TrainOptions, device):
 
 
 def pick_scan_backend(model, device) -> str:
-    """Make the Mamba scan differentiable: `auto` where it picks a scan with a backward while autograd records
-    (mamba-ssm on CUDA, else `parallel`), otherwise `parallel` or the naive `ref`; returns what will run."""
+    """Scan backend `auto`, which picks a scan with a backward while autograd records (mamba-ssm on CUDA,
+    else `parallel`); returns the one that will run."""
     from .. import ops
 
-    try:
-        model.set_scan_backend("auto")
-        return ops.resolve_backend("auto", device, needs_grad=True)
-    except TypeError:  # a dimba_core whose `auto` does not know about autograd yet
-        if ops.resolve_backend("auto", device) == "cuda":
-            return "cuda"
-        name = "parallel" if "parallel" in ops.BACKENDS else "ref"
-        model.set_scan_backend(name)
-        return name
+    model.set_scan_backend("auto")
+    return ops.resolve_backend("auto", device, needs_grad=True)
 
 
 def enable_checkpointing(model) -> None:
