@@ -1,5 +1,4 @@
 """load_dimba / convert: formats, config inference, EMA selection, safety and clear errors."""
-import json
 import pickle
 import subprocess
 import sys
@@ -10,7 +9,6 @@ import torch
 
 from dimba_core import Dimba, DimbaConfig, DimbaLoadError, load_dimba, save_safetensors
 
-MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "dimba_official_keys.json"
 
 
 def tiny_model(**kw):
@@ -121,9 +119,8 @@ def test_not_a_dimba_checkpoint(tmp_path):
         load_dimba(tiny_model().state_dict(), num_heads=5)
 
 
-@pytest.mark.skipif(not MANIFEST.is_file(), reason="key manifest not found")
-def test_full_manifest_state_dict_loads():
-    keys = json.loads(MANIFEST.read_text())["Dimba-L-2"]["keys"]
+def test_full_manifest_state_dict_loads(manifest):
+    keys = manifest["Dimba-L-2"]["keys"]
     sd = {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
     model = load_dimba(sd, device="meta")
     assert model.config.hidden_size == 1152 and model.config.depth == 28 and model.config.base_size == 32

@@ -1,36 +1,14 @@
 """The Dimba denoiser against the published reference: golden outputs, key manifest, dtypes, errors."""
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from dimba_core import PRESETS, Dimba, DimbaConfig
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-GOLDEN = SHARED / "fixtures" / "dimba_reference_tiny.safetensors"
-MANIFEST = SHARED / "fixtures" / "dimba_official_keys.json"
-needs_golden = pytest.mark.skipif(not GOLDEN.is_file(), reason=f"golden fixtures not found at {GOLDEN}")
-
 
 def rel_err(a, b):
     """Relative L2 error of a against b, in float64."""
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-@pytest.fixture(scope="module")
-def golden():
-    from safetensors import safe_open
-
-    with safe_open(str(GOLDEN), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-
-
-def golden_model(golden, name, backend="torch", dtype=torch.float32):
-    tensors, meta = golden
-    model = Dimba(DimbaConfig.from_reference(**json.loads(meta[name])), scan_backend=backend)
-    model.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
-    return model.to(dtype).eval()
 
 
 CASES = {  # golden output -> (model, latent input, use the mask)
@@ -41,13 +19,12 @@ CASES = {  # golden output -> (model, latent input, use the mask)
 }
 
 
-@needs_golden
 @pytest.mark.parametrize("backend", ["torch", "ref"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_golden_parity_fp32(golden, backend, case):
+def test_golden_parity_fp32(golden, golden_model, backend, case):
     name, x_key, use_mask = CASES[case]
     t = golden[0]
-    model = golden_model(golden, name, backend)
+    model = golden_model(name, backend)
     with torch.no_grad():
         out = model(t[x_key].float(), t["in.t"].float(), t["in.y"].float(), t["in.mask"] if use_mask else None)
     assert out.dtype == torch.float32 and out.shape == t["out." + case].shape
@@ -55,14 +32,13 @@ def test_golden_parity_fp32(golden, backend, case):
     assert model.mamba_blocks[0].mixer.last_backend == backend
 
 
-@needs_golden
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_close_to_fp32(golden, dtype):
+def test_half_precision_close_to_fp32(golden, golden_model, dtype):
     t = golden[0]
     args = (t["in.x"].float(), t["in.t"].float(), t["in.y"].float(), t["in.mask"])
     with torch.no_grad():
-        ref = golden_model(golden, "model_a")(*args)
-        model = golden_model(golden, "model_a", dtype=dtype)
+        ref = golden_model("model_a")(*args)
+        model = golden_model("model_a", dtype=dtype)
         out = model(*args)
     assert out.dtype == torch.float32  # returned in the input's dtype
     assert torch.isfinite(out).all()
@@ -70,10 +46,9 @@ def test_half_precision_close_to_fp32(golden, dtype):
     assert model.mamba_blocks[0].norm.weight.dtype == dtype
 
 
-@pytest.mark.skipif(not MANIFEST.is_file(), reason="key manifest not found")
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_presets_match_published_keys_and_sizes(preset):
-    manifest = json.loads(MANIFEST.read_text())[preset]
+def test_presets_match_published_keys_and_sizes(manifest, preset):
+    manifest = manifest[preset]
     with torch.device("meta"):
         model = Dimba(PRESETS[preset]())
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == manifest["keys"]
