@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DimbaConfig
+from .config import RESOLUTION_SETTINGS, DimbaConfig
 from .model import Dimba
 from .weights import DimbaLoadError, check_keys, open_safetensors
 
@@ -229,8 +229,9 @@ def resolve_config(sd: dict, stored: dict | None = None, overrides: dict | None 
     fields = set(DimbaConfig.__dataclass_fields__) - {"extra"}
     shapes = shape_config(sd, name)
     base_size = shapes.get("base_size", (stored or {}).get("base_size", 32))
-    # the published resolutions pair base_size with pe_interpolation: 512 px 32/1, 1024 64/2, 2048 128/4
-    pe = {32: 1.0, 64: 2.0, 128: 4.0}.get(base_size, 1.0) if type(base_size) is int else 1.0
+    # the published resolutions pair base_size with pe_interpolation (512 px 32/1, 1024 64/2, 2048 128/4)
+    pe = {r["base_size"]: r["pe_interpolation"] for r in RESOLUTION_SETTINGS.values()}.get(base_size, 1.0) \
+        if type(base_size) is int else 1.0
     claims = {"num_heads": 16, "pe_interpolation": pe}
     for origin, values in (("the file's metadata", stored), ("the arguments", overrides)):
         values = {k: v for k, v in (values or {}).items() if not (k == "dt_rank" and v is None)}
