@@ -377,6 +377,11 @@ def train(opts: TrainOptions) -> dict:
                              f"({world}) x --grad-accum ({opts.grad_accum})")
         if opts.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {sorted(PRECISIONS)}")
+        if opts.fsdp and (opts.lora_rank or world < 2):
+            raise ValueError("--fsdp shards a full fine-tune (no --lora-rank) across several processes (torchrun)")
+        if opts.fsdp and opts.optimizer == "came":
+            raise ValueError("--fsdp needs --optimizer adamw: came-pytorch's CAME cannot step sharded (DTensor) "
+                             "parameters, and its factored statistics need whole weights")
         model = load_for_training(opts, device)
         native = model.config.base_size * model.config.patch_size * 8
         image_size = opts.image_size or opts.resolution or native
@@ -408,8 +413,6 @@ def _run(opts, model, cache, rank, world, device, micro) -> dict:
     trainee = Trainee(model, lora)
     net = trainee
     if opts.fsdp:
-        if lora is not None or world < 2:
-            raise ValueError("--fsdp shards a full fine-tune (no --lora-rank) across several processes (torchrun)")
         shard(model)
     elif world > 1:
         from torch.nn.parallel import DistributedDataParallel
