@@ -5,7 +5,7 @@ import dataclasses
 import json
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 # Reference constructor arguments that do not change the inference function.
@@ -37,7 +37,6 @@ class DimbaConfig:
     dt_rank: int | None = None  # None: ceil(hidden_size / 16)
     base_size: int = 32  # input_size // patch_size of the trained model (32 for 512 px)
     pe_interpolation: float = 1.0  # 1 at 512 px, 2 at 1024, 4 at 2048
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self._check_types()
@@ -74,16 +73,8 @@ class DimbaConfig:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
     @property
-    def d_inner(self) -> int:
-        return self.expand * self.hidden_size
-
-    @property
     def mamba_depth(self) -> int:
         return int(self.mamba_ratio * self.depth)
-
-    @property
-    def input_size(self) -> int:
-        return self.base_size * self.patch_size
 
     def mamba_after(self) -> dict[int, int]:
         """Map attention-block index i -> Mamba-block index j run right after it (the reference's rule)."""
@@ -102,10 +93,23 @@ class DimbaConfig:
             )
         return plan
 
+    def check_latent(self, shape) -> None:
+        """A latent this model takes: B x in_channels x H x W with H, W multiples of the patch size."""
+        shape = tuple(shape)
+        if len(shape) != 4 or shape[1] != self.in_channels:
+            raise ValueError(f"latents must be B x {self.in_channels} x H x W, got shape {shape}")
+        if shape[-2] % self.patch_size or shape[-1] % self.patch_size:
+            raise ValueError(f"latent height and width must be multiples of the patch size {self.patch_size} "
+                             f"(image sides multiples of {8 * self.patch_size} px), got {shape[-2:]}")
+
+    def check_caption_width(self, width: int) -> None:
+        """Text features must be caption_channels wide (4096: T5 v1.1 XXL)."""
+        if width != self.caption_channels:
+            raise ValueError(f"the text embeddings are {width} wide but this Dimba model takes {self.caption_channels}"
+                             " (caption_channels): use the T5 the model was trained with (T5 v1.1 XXL: 4096)")
+
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("extra")
-        return d
+        return dataclasses.asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -119,7 +123,7 @@ class DimbaConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DimbaConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown Dimba config fields: {sorted(unknown)}")

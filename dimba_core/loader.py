@@ -226,7 +226,7 @@ def _agrees(field: str, claim, shapes: dict) -> bool:
 def resolve_config(sd: dict, stored: dict | None = None, overrides: dict | None = None,
                    name: str = "<state dict>") -> DimbaConfig:
     """Config from the shapes, then stored metadata, then overrides; every claim is checked against the shapes."""
-    fields = set(DimbaConfig.__dataclass_fields__) - {"extra"}
+    fields = set(DimbaConfig.__dataclass_fields__)
     shapes = shape_config(sd, name)
     base_size = shapes.get("base_size", (stored or {}).get("base_size", 32))
     # the published resolutions pair base_size with pe_interpolation (512 px 32/1, 1024 64/2, 2048 128/4)

@@ -227,11 +227,7 @@ class Dimba(nn.Module):
         No host synchronisation on accelerators or while compiling (CUDA graphs, torch.compile can capture it).
         """
         c, dtype = self.config, self.dtype
-        if x.ndim != 4 or x.shape[1] != c.in_channels:
-            raise ValueError(f"x must be B x {c.in_channels} x H x W latents, got shape {tuple(x.shape)}")
-        if x.shape[-2] % c.patch_size or x.shape[-1] % c.patch_size:
-            raise ValueError(f"latent height and width must be multiples of the patch size {c.patch_size} "
-                             f"(image sides multiples of {8 * c.patch_size} px), got {tuple(x.shape[-2:])}")
+        c.check_latent(x.shape)
         b = x.shape[0]
         t = torch.as_tensor(timestep, device=x.device).reshape(-1)
         t = t.to(torch.promote_types(t.dtype, torch.float32))

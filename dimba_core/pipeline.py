@@ -57,10 +57,8 @@ def native_resolution(model) -> int:
 
 
 def check_caption_width(width: int, config) -> None:
-    """Text features must be as wide as the model's caption channels (4096: T5 v1.1 XXL)."""
-    if width != config.caption_channels:
-        raise ValueError(f"the text embeddings are {width} wide but this Dimba model takes {config.caption_channels} "
-                         "(caption_channels): use the T5 the model was trained with (T5 v1.1 XXL: 4096)")
+    """Deprecated alias of DimbaConfig.check_caption_width (kept for one release)."""
+    config.check_caption_width(width)
 
 
 @dataclass
@@ -77,7 +75,7 @@ class DimbaPipeline:
     """Dimba + T5 + VAE; the text encoder may stay on the CPU while the denoiser runs on the GPU."""
 
     def __init__(self, model, text_encoder, vae, device=None):
-        check_caption_width(text_encoder.hidden_size, model.config)
+        model.config.check_caption_width(text_encoder.hidden_size)
         self.model, self.text_encoder, self.vae = model, text_encoder, vae
         self.device = torch.device(device) if device else next(model.parameters()).device
 
