@@ -12,6 +12,11 @@ from .config import DimbaConfig
 from .mamba import MambaBlock
 
 
+def flat_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A caption mask given as B x L, B x 1 x L or B x 1 x 1 x L (1 = valid token), as B x L."""
+    return mask.reshape(mask.shape[0], -1)
+
+
 def modulate(x, shift, scale):
     """adaLN modulation: x * (1 + scale) + shift."""
     return x * (1 + scale) + shift
@@ -240,7 +245,7 @@ class Dimba(nn.Module):
             raise ValueError(f"batch sizes differ: x {b}, y {y.shape[0]}, timestep {t.shape[0]}")
         key_mask = None
         if mask is not None:
-            mask = mask.reshape(mask.shape[0], -1).to(x.device) != 0
+            mask = flat_mask(mask).to(x.device) != 0
             if mask.shape[0] == 1 and b > 1:
                 mask = mask.expand(b, -1)  # one mask for the batch; any other batch mismatch is an error
             if mask.shape != y.shape[:2]:

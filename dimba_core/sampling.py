@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from .model import flat_mask
+
 SAMPLERS = ("dpmpp_2m", "ddim", "iddpm", "euler", "sa_solver")
 DEFAULT_STEPS = {"dpmpp_2m": 20, "ddim": 50, "iddpm": 100, "euler": 30, "sa_solver": 25}
 
@@ -114,7 +116,7 @@ def _caption(y, b):
 
 
 def _mask(mask, b, device):
-    mask = mask.reshape(mask.shape[0], -1).to(device)
+    mask = flat_mask(mask).to(device)
     return mask.expand(b, -1) if mask.shape[0] == 1 and b > 1 else mask
 
 
@@ -375,7 +377,7 @@ def check_inputs(noise, cond, uncond=None, mask=None, uncond_mask=None, init_lat
         if m is None:
             continue
         if not isinstance(m, torch.Tensor) or m.ndim < 1 or m.shape[0] not in (1, b) \
-                or m.reshape(m.shape[0], -1).shape[1] != length:
+                or flat_mask(m).shape[1] != length:
             raise ValueError(f"{name} must be {b} x {length} (or 1 x {length}) to match the captions, "
                              f"got {_shape(m)}")
     if init_latent is not None and (not isinstance(init_latent, torch.Tensor)
