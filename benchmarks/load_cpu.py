@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from dimba_core import PRESETS, Dimba, load_dimba
 from dimba_core import loader
 from dimba_core.loader import CONFIG_KEY
+from dimba_core.weights import DTYPES, torch_dtype
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def timed(fn, repeats):
@@ -42,7 +42,7 @@ def main():
     config = PRESETS[args.preset]()
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Dimba(config).state_dict().items()}
-    sd = {k: torch.empty(s, dtype=DTYPES[args.dtype]) for k, s in shapes.items()}
+    sd = {k: torch.empty(s, dtype=torch_dtype(args.dtype)) for k, s in shapes.items()}
     with tempfile.TemporaryDirectory() as tmp:
         st, pt = Path(tmp) / "m.safetensors", Path(tmp) / "m.pt"
         save_file(sd, str(st), metadata={CONFIG_KEY: config.to_json(), "format": "pt"})

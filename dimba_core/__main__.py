@@ -4,15 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+from .weights import DTYPES, torch_dtype
 
 
 def convert_main(args) -> None:
-    import torch
-
     from .loader import convert
 
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    dtype = torch_dtype(args.dtype) if args.dtype else None
     model = convert(args.src, args.dst, ema=args.ema, dtype=dtype, num_heads=args.num_heads, overwrite=args.force)
     print(f"wrote {args.dst}: {model.config.to_json()}")
 
@@ -100,7 +98,6 @@ def check_generate_args(args, prompts) -> None:
 
 
 def generate_main(args) -> None:
-    import torch
     from tqdm import tqdm
 
     from .pipeline import DimbaPipeline, native_resolution
@@ -109,7 +106,7 @@ def generate_main(args) -> None:
     prompts = read_prompts(args)
     check_generate_args(args, prompts)
     plan = plan_outputs(args, prompts)
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    dtype = torch_dtype(args.dtype) if args.dtype else None
     pipe = DimbaPipeline.from_files(args.checkpoint, args.t5, args.vae, device=args.device, dtype=dtype,
                                     t5_device=args.t5_device, tokenizer=args.tokenizer)
     if args.lora:

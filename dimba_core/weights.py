@@ -5,6 +5,16 @@ import contextlib
 from pathlib import Path
 
 
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}  # the weight dtypes offered by name
+
+
+def torch_dtype(name: str):
+    """torch.float16 for "fp16" (and likewise for the other names in DTYPES)."""
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
 class DimbaLoadError(ValueError):
     """A weight file that cannot be loaded; the message names the file, says why and what to do."""
 
