@@ -196,7 +196,7 @@ def test_bad_data_is_skipped_with_warnings_or_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images with captions found"):
         find_samples(tmp_path / "empty")
-    with pytest.raises(ValueError, match="no usable training images"):
+    with pytest.raises(ValueError, match="no usable training images"), pytest.warns(UserWarning):
         check_samples([s for s in samples if s.image.stem in ("tiny", "broken")], min_side=32)
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text('{"image": "d/img0.png", "caption": "x"}\n{"image": "d/img1.png"}\n')
