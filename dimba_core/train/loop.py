@@ -384,6 +384,12 @@ def train(opts: TrainOptions) -> dict:
                              "parameters, and its factored statistics need whole weights")
         model = load_for_training(opts, device)
         native = model.config.base_size * model.config.patch_size * 8
+        if opts.lora_rank and opts.resolution:
+            import warnings
+
+            warnings.warn(f"a LoRA trained at --resolution {opts.resolution} is applied onto the base checkpoint's "
+                          "own position-embedding settings (ComfyUI and apply_lora patch weights only); adapt the "
+                          "resolution with a full fine-tune, as the reference does", stacklevel=2)
         image_size = opts.image_size or opts.resolution or native
         if image_size % 16:
             raise ValueError(f"--image-size {image_size} must be a multiple of 16")
