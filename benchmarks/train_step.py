@@ -65,7 +65,6 @@ def step_time(preset, px, batch, mode, checkpointing, precision, optimizer, step
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
-    del model, opt
     return statistics.median(times), peak, backend
 
 
