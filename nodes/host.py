@@ -16,8 +16,6 @@ from tqdm.auto import tqdm
 from ._dimba import core, dimba_core
 from .sampling import check_latent
 
-check_caption_width = core("pipeline").check_caption_width
-
 SCHEDULE = {"beta_schedule": "sqrt_linear", "linear_start": 1e-4, "linear_end": 0.02, "timesteps": 1000}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -68,7 +66,7 @@ class DimbaModel(comfy.model_base.BaseModel):
         out = super().extra_conds(**kwargs)
         context = kwargs.get("cross_attn", None)
         if context is not None:
-            check_caption_width(context.shape[-1], self.diffusion_model.config)
+            self.diffusion_model.config.check_caption_width(context.shape[-1])
             mask = kwargs.get("attention_mask", None)
             if mask is None or mask.shape[-1] != context.shape[1]:
                 mask = torch.ones(context.shape[:2], dtype=torch.long)  # no mask: every token is valid
@@ -201,8 +199,8 @@ def sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_na
                          "Dimba MODEL for masked latents")
     check_latent(latent.shape, config.in_channels, config.patch_size)
     cond, uncond, mask, u_mask = captions(positive, negative, latent.shape[0])
-    check_caption_width(cond.shape[-1], config)
-    check_caption_width(uncond.shape[-1], config)
+    config.check_caption_width(cond.shape[-1])
+    config.check_caption_width(uncond.shape[-1])
     scale = model.model.latent_format.scale_factor
     noise = core("sampling").noise_like(latent.shape, seed)
     mm.load_models_gpu([model], memory_required=model.memory_required([2 * latent.shape[0], *latent.shape[1:]]),
