@@ -1,12 +1,10 @@
-"""dimba_core, imported relatively inside the ComfyUI pack and absolutely from the repository root."""
-import importlib
-
+"""dimba_core and the submodules the nodes use, imported relatively inside the ComfyUI pack and absolutely
+from the repository root (tests and tools)."""
 try:
     from .. import dimba_core
+    from ..dimba_core import resolution, sampling, text, weights
 except ImportError:  # `nodes` is a top-level package: tests and tools run from the repository root
     import dimba_core
+    from dimba_core import resolution, sampling, text, weights
 
-
-def core(submodule: str):
-    """A dimba_core submodule (imported on first use, e.g. core("text"))."""
-    return importlib.import_module(f"{dimba_core.__name__}.{submodule}")
+__all__ = ["dimba_core", "resolution", "sampling", "text", "weights"]

@@ -13,11 +13,13 @@ import comfy.utils
 import latent_preview
 from tqdm.auto import tqdm
 
-from ._dimba import core, dimba_core
+from ._dimba import dimba_core, sampling, text, weights
+
+flat_mask = dimba_core.model.flat_mask
 from .sampling import check_latent
 
 SCHEDULE = {"beta_schedule": "sqrt_linear", "linear_start": 1e-4, "linear_end": 0.02, "timesteps": 1000}
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {name: weights.torch_dtype(name) for name in weights.DTYPES}
 
 
 class FullLoadPatcher(comfy.model_patcher.ModelPatcher):
@@ -71,7 +73,7 @@ class DimbaModel(comfy.model_base.BaseModel):
             if mask is None or mask.shape[-1] != context.shape[1]:
                 mask = torch.ones(context.shape[:2], dtype=torch.long)  # no mask: every token is valid
             out["c_crossattn"] = comfy.conds.CONDRegular(context)  # equal lengths batch; no repeat-padding
-            out["attention_mask"] = comfy.conds.CONDRegular(mask.reshape(mask.shape[0], -1).long())
+            out["attention_mask"] = comfy.conds.CONDRegular(flat_mask(mask).long())
         return out
 
 
@@ -88,19 +90,15 @@ def pick_dtype(weight_dtype, stored, n_params, load_device):
 def load_model(path, weight_dtype="default"):
     """A Dimba checkpoint as a ComfyUI MODEL (ModelPatcher around a DimbaModel)."""
     try:
-        net = dimba_core.load_dimba(path)
+        net = dimba_core.load_dimba(path, model_class=DimbaDiffusion)
     except dimba_core.DimbaLoadError as err:
         raise ValueError(f"not a usable Dimba checkpoint: {err}") from None
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
-    n_params = sum(p.numel() for p in net.parameters())
-    dtype = pick_dtype(weight_dtype, net.dtype, n_params, load_device)
-    with torch.device("meta"):
-        diffusion = DimbaDiffusion(net.config)
-    diffusion.load_state_dict(net.state_dict(), assign=True)
-    diffusion = diffusion.to(device=offload_device, dtype=dtype).eval().requires_grad_(False)
+    dtype = pick_dtype(weight_dtype, net.dtype, sum(p.numel() for p in net.parameters()), load_device)
+    net.to(device=offload_device, dtype=dtype)
     config = DimbaModelConfig({**DimbaModelConfig.unet_config, **net.config.to_dict()})
     config.set_inference_dtype(dtype, None)
-    model = DimbaModel(config, diffusion, device=offload_device)
+    model = DimbaModel(config, net, device=offload_device)
     return FullLoadPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
@@ -145,7 +143,7 @@ def load_t5(path, device="default", dtype="default"):
         torch_dtype = mm.text_encoder_dtype(load_device)
         if torch_dtype not in DTYPES.values():  # fp8 storage: compute T5 in half precision instead
             torch_dtype = torch.bfloat16 if mm.should_use_bf16(load_device) else torch.float16
-    encoder = core("text").T5TextEncoder.from_pretrained(path, device=offload_device, dtype=torch_dtype)
+    encoder = text.T5TextEncoder.from_pretrained(path, device=offload_device, dtype=torch_dtype)
     return DimbaT5(encoder, load_device, offload_device)
 
 
@@ -159,7 +157,7 @@ def _first(conditioning, name):
 
 def _pad(emb, mask, length):
     """Zero-pad an embedding to `length` tokens and return it with its mask (1 = real token)."""
-    mask = torch.ones(emb.shape[:2], dtype=torch.long) if mask is None else mask.reshape(emb.shape[0], -1).long()
+    mask = torch.ones(emb.shape[:2], dtype=torch.long) if mask is None else flat_mask(mask).long()
     extra = length - emb.shape[1]
     if extra > 0:
         emb = torch.nn.functional.pad(emb, (0, 0, 0, extra))
@@ -176,7 +174,7 @@ def captions(positive, negative, batch):
     cond, mask = _first(positive, "positive")
     uncond, u_mask = _first(negative, "negative")
     if cond.shape[1] == uncond.shape[1] and mask is not None:
-        mask, u_mask = mask.reshape(cond.shape[0], -1), None
+        mask, u_mask = flat_mask(mask), None
     else:
         length = max(cond.shape[1], uncond.shape[1])
         cond, mask = _pad(cond, mask, length)
@@ -202,7 +200,7 @@ def sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_na
     config.check_caption_width(cond.shape[-1])
     config.check_caption_width(uncond.shape[-1])
     scale = model.model.latent_format.scale_factor
-    noise = core("sampling").noise_like(latent.shape, seed)
+    noise = sampling.noise_like(latent.shape, seed)
     mm.load_models_gpu([model], memory_required=model.memory_required([2 * latent.shape[0], *latent.shape[1:]]),
                        minimum_memory_required=model.memory_required(list(latent.shape)))
     device = model.load_device
@@ -217,7 +215,7 @@ def sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_na
 
     to = functools.partial(torch.Tensor.to, device=device)
     out = dimba_core.sample(
-        functools.partial(DimbaDiffusion.full_output, net), to(noise), to(cond), to(uncond),
+        net.full_output, to(noise), to(cond), to(uncond),
         mask=to(mask), uncond_mask=None if u_mask is None else to(u_mask), steps=steps, cfg_scale=cfg,
         sampler=sampler_name, seed=seed, callback=callback,
         init_latent=to(latent.float() * scale) if denoise < 1.0 else None, denoise=denoise)

@@ -1,7 +1,9 @@
 """Loader and text nodes: Dimba checkpoints, T5 encoders, prompt encoding."""
 import os
 
-DTYPE_CHOICES = ["default", "fp16", "bf16", "fp32"]
+from ._dimba import weights
+
+DTYPE_CHOICES = ["default", *weights.DTYPES]
 
 
 def _folder_paths():

@@ -1,7 +1,7 @@
 """Sampling nodes: the paper's samplers and the reference resolution buckets."""
-from ._dimba import core, dimba_core
+from ._dimba import dimba_core, resolution
 
-RATIOS = [str(r) for r in core("resolution").ASPECT_RATIOS_1024]
+RATIOS = [str(r) for r in resolution.ASPECT_RATIOS_1024]
 SAMPLER_NAMES = ["dpmpp_2m"] + [s for s in dimba_core.SAMPLERS if s != "dpmpp_2m"]
 LATENT_HINT = {16: "an SD3/Flux latent, e.g. from EmptySD3LatentImage, which is not for Dimba"}
 
@@ -72,5 +72,5 @@ class DimbaResolutionSelect:
     DESCRIPTION = "Width and height of the reference aspect-ratio bucket, for EmptyLatentImage."
 
     def select(self, base_resolution, aspect_ratio):
-        height, width = core("resolution").closest_bucket(float(aspect_ratio), int(base_resolution))
+        height, width = resolution.closest_bucket(float(aspect_ratio), int(base_resolution))
         return (width, height)
