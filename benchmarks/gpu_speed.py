@@ -74,7 +74,8 @@ def model_rows(sizes, dtypes, repeats):
         model = copy.deepcopy(fp32).to(dtype)  # the same weights, rounded
         for px in sizes:
             args = inputs(px, dtype)
-            variants = [("dimba", "auto", True), ("attention_only", "auto", False), ("dimba_parallel", "parallel", True)]
+            variants = [("dimba", "auto", True), ("attention_only", "auto", False),
+                        ("dimba_parallel", "parallel", True)]
             if has_triton():
                 variants.append(("dimba_triton", "triton", True))
             if px == 512:
@@ -116,7 +117,8 @@ def scan_rows(lengths, dtype=torch.float16):
         ref = None
         if has_mamba_ssm():
             scan = SCANS["cuda"]
-            flip = lambda kw: {k: (v.flip(-1) if k in ("u", "delta", "B", "C", "z") else v) for k, v in kw.items()}  # noqa: E731
+            seq = ("u", "delta", "B", "C", "z")
+            flip = lambda kw: {k: (v.flip(-1) if k in seq else v) for k, v in kw.items()}  # noqa: E731
 
             def two_calls():
                 return scan(**fwd) + scan(**flip(bwd)).flip(-1)
@@ -194,11 +196,13 @@ def main():
                   f"x{r['ms'] / twin['ms']:.2f} vs attention-only  act {r['act_gb']:.2f} GB "
                   f"(x{r['act_gb'] / max(twin['act_gb'], 1e-9):.2f})  finite {r['finite']}{err}")
         elif r["kind"] == "scan":
-            base = next((o for o in rows if o["kind"] == "scan" and o["name"] == "mamba_ssm_x2" and o["L"] == r["L"]), r)
+            base = next((o for o in rows if o["kind"] == "scan" and o["name"] == "mamba_ssm_x2"
+                         and o["L"] == r["L"]), r)
             print(f"scan L={r['L']:6d} {r['name']:18s} {r['ms']:9.3f} ms  {base['ms'] / r['ms']:.2f}x faster than "
                   f"mamba-ssm x2  {r['gbps']:.0f} GB/s  rel err {r['rel_err']}")
         else:
-            print(f"sample {r['steps']} steps {r['px']} px {r['dtype']} {r['backend']}: {r['s']:.2f} s, finite {r['finite']}")
+            print(f"sample {r['steps']} steps {r['px']} px {r['dtype']} {r['backend']}: {r['s']:.2f} s, "
+                  f"finite {r['finite']}")
 
 
 if __name__ == "__main__":

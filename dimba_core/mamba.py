@@ -53,7 +53,8 @@ class BiMambaMixer(nn.Module):
         self.D_b = nn.Parameter(torch.ones(self.d_inner))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in self.parameters()))
+        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad
+                                                                              for p in self.parameters()))
         backend = ops.resolve_backend(self.backend, hidden.device, needs_grad)
         if not torch.compiler.is_compiling():  # bookkeeping for eager callers only
             self.last_backend = backend
@@ -84,16 +85,16 @@ class BiMambaMixer(nn.Module):
         b, length = hidden.shape[:2]
         d, split = self.d_inner, [self.dt_rank, self.d_state, self.d_state]
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # b, d, L
-        pair = lambda fwd, bwd: torch.stack([fwd, bwd])  # noqa: E731  (forward, backward direction)
+        pair = lambda fwd, bwd: torch.stack([fwd, bwd])[:, None]  # noqa: E731  (direction, 1, ...)
         conv = ops.causal_conv1d(torch.cat([x, x.flip(-1)], dim=1),
                                  torch.cat([self.conv1d.weight, self.conv1d_b.weight]).squeeze(1),
                                  torch.cat([self.conv1d.bias, self.conv1d_b.bias]), "torch")
         xs = conv.view(b, 2, d, length).transpose(0, 1)  # 2, b, d, L: the backward one on the reversed sequence
-        dt, B, C = torch.matmul(pair(self.x_proj.weight, self.x_proj_b.weight)[:, None], xs).split(split, dim=2)
-        y = ops.selective_scan_parallel(  # delta = dt_proj weights . dt: 2, b, d, L (inline: freed once biased)
-            xs, torch.matmul(pair(self.dt_proj.weight, self.dt_proj_b.weight)[:, None], dt), -torch.exp(_fp32(pair(self.A_log, self.A_b_log)))[:, None], B, C,
-            _fp32(pair(self.D, self.D_b))[:, None],
-            delta_bias=_fp32(pair(self.dt_proj.bias, self.dt_proj_b.bias))[:, None], delta_softplus=True)
+        dt, B, C = torch.matmul(pair(self.x_proj.weight, self.x_proj_b.weight), xs).split(split, dim=2)
+        delta = F.softplus(_fp32(torch.matmul(pair(self.dt_proj.weight, self.dt_proj_b.weight), dt))
+                           + _fp32(pair(self.dt_proj.bias, self.dt_proj_b.bias))[..., None])  # 2, b, d, L
+        A = -torch.exp(_fp32(pair(self.A_log, self.A_b_log)))
+        y = ops.selective_scan_parallel(xs, delta, A, B, C, _fp32(pair(self.D, self.D_b)))
         return self.out_proj(((y[0] + y[1].flip(-1)) * F.silu(z)).transpose(1, 2))  # the gate shared by both
 
     def _forward_fused(self, hidden: torch.Tensor) -> torch.Tensor:
