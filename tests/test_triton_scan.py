@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -55,25 +54,6 @@ from dimba_core.mamba import BiMambaMixer  # noqa: E402
 from dimba_core.tiny_assets import tiny_dimba  # noqa: E402
 
 
-def _sliced_scan(self, input):
-    """The interpreter's generic associative scan, one combine per step on whole slices instead of per element
-    (same left-to-right fold; elementwise combine functions only). Cuts the test time by ~BLOCK_D * N."""
-    axis = self.axis
-    src = [np.moveaxis(arg.handle.data, axis, 0) for arg in input]
-    out = [np.empty_like(s) for s in src]
-    acc = [s[0] for s in src]
-    for o, a in zip(out, acc):
-        o[0] = a
-    for i in range(1, src[0].shape[0]):
-        prev = [self.to_tensor(a, arg.dtype) for a, arg in zip(acc, input)]
-        cur = [self.to_tensor(s[i], arg.dtype) for s, arg in zip(src, input)]
-        res = self.combine_fn.fn(*prev, *cur)
-        acc = [r.handle.data for r in (res if isinstance(res, tuple) else (res,))]
-        for o, a in zip(out, acc):
-            o[i] = a
-    return [self.to_tensor(np.moveaxis(o, 0, axis), arg.dtype) for o, arg in zip(out, input)]
-
-
 def test_module_in_fresh_process():
     """When triton was already imported without the interpreter, run this module again in a new process."""
     if not FRESH_PROCESS:
@@ -92,11 +72,7 @@ def _interpreter(request, monkeypatch):
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     if INTERPRET:
-        from triton.runtime import interpreter
-
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        if hasattr(interpreter, "ScanOps") and hasattr(interpreter.ScanOps, "generic_scan"):
-            monkeypatch.setattr(interpreter.ScanOps, "generic_scan", _sliced_scan)
 
 
 def rel_err(a, b):
