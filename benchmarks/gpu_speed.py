@@ -9,7 +9,7 @@ triton runs) and the `torch` scan (512 px only: its per-step loop is a CPU path)
 compared with the float32 model on the naive `ref` scan (relative L2 error; outputs must be finite).
 Then the scan alone at L = 1024/4096/16384, both directions: two mamba-ssm `selective_scan_fn` calls on
 flipped copies against one stacked `parallel` call (the fused triton scan has its own benchmark,
-`python -m dimba_core.ops.triton_scan`); then 20 DPM-Solver++ steps with CFG at 1024 px through
+`python -m benchmarks.triton_scan`); then 20 DPM-Solver++ steps with CFG at 1024 px through
 `dimba_core.sample` (`auto` and `parallel`). Prints ms, ratios, GB/s, peak activation memory.
 """
 import argparse
