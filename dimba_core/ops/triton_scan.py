@@ -23,19 +23,9 @@ state enters as h_t = Acum_t h + Bcum_t, and the chunk's last h is carried on. P
 barrier pass 2 runs left to right, reads it back, adds y_fwd and stores (y_fwd + y_bwd) * silu(z). Each
 out element is written and read by the same program only, so no cross-program synchronisation.
 
-Cost at L = 16384, d = 2304, n = 16, batch 2 (b*d*L = 75.5M elements, bf16 = 151 MB a tensor):
-  exp2: b*d*L*n per direction = 1.21G, 2.42G for both (+ 2 x 75.5M exp/log/div for the softplus);
-  FLOPs per (b, d, l, n) per direction: decay mul, input mul, carry FMA (2), C.h FMA (2), carry select
-  (1-2), plus 3 per combine of the scan (one in-thread, then one per cross-lane level, log2 of the lanes
-  on the L axis, <= 4 at BLOCK_L 16) -> 10-25, i.e. 25-60 GFLOP fp32 for both directions;
-  DRAM bytes: read x_f, x_b, delta_f, delta_b, z (5 x 151 MB), write y_bwd, read it back, write out
-  (3 x 151 MB) -> about 1.2 GB; B, C are 4 x 1 MB, re-read by each d-block from L2 (about 1.2 GB of L2
-  traffic at BLOCK_D 8). That is 0.36 ms at an H100's 3.35 TB/s, 0.25 ms at an H200's 4.8 TB/s.
-  The kernel should therefore be bound by exp2 (MUFU ~16/clk/SM: ~4.2T/s on 132 SMs -> ~0.6 ms) and
-  FMA issue (~0.4-0.9 ms at ~67 TFLOP/s), i.e. ~0.6-1.2 ms, against mamba-ssm's 2 x 1.6 ms plus
-  ~0.55 ms of flips per mixer measured in shared/PERF.md (H200, fp16).
-  Writing y_bwd once in the output dtype and reading it back costs 2 x 151 MB but needs no float32
-  scratch buffer; for bf16 it rounds y_bwd once more (the reference model sums two bf16 outputs as well).
+Its cost model (exp2- and FMA-bound, about 1.2 GB of DRAM traffic at L = 16384) is in NOTES.md. Writing
+y_bwd once in the output dtype and reading it back needs no float32 scratch buffer; for bf16 it rounds y_bwd
+once more (the reference model sums two bf16 outputs as well).
 
 Register pressure (ptxas for sm_90a, compiled on a CPU box, bf16 and fp32 alike): the chunk's
 (BLOCK_D, BLOCK_L, n) tiles dominate. BLOCK_D x BLOCK_L x n / threads = 16 elements a thread gives 96
