@@ -6,16 +6,19 @@ A: (..., d, n); D, delta_bias: (..., d); all broadcast against each other like n
 
 The sequence is cut into blocks of T positions, T chosen so that one (..., T, d, n) state tensor holds
 about BLOCK_ELEMENTS numbers: memory is bounded by the block whatever L is (about three such tensors
-live at once), and the op count is about 3 log2(T) + 8 per block. Inside a block the recurrence
-h_t = a_t h_{t-1} + b_t, with a_t = exp(delta_t A) <= 1 and b_t = delta_t B_t u_t, is solved by doubling
-(Hillis-Steele): after the step with offset k every position holds the composition of its last 2k steps,
-    h_t <- h_t + a_t h_{t-k},    a_t <- a_t a_{t-k},
-so log2(T) steps of two or three whole-block ops each. Only decays <= 1 are multiplied (no logs, no division),
-so it is as stable as the naive loop and underflows to 0 where that does. The state carried from the
-previous block is folded into the first input (b_0 + a_0 h_carry), so the blocks run one after another
-with nothing to fix up afterwards. State and arithmetic are float32 (float64 for float64 inputs).
-Autograd works through it: while gradients are recorded every op is out of place and each block is
-checkpointed (training memory stays about one block too).
+live at once). Inside a block the recurrence h_t = a_t h_{t-1} + b_t, with a_t = exp(delta_t A) <= 1 and
+b_t = delta_t B_t u_t, is solved in three stages over groups of GROUP (8) positions:
+  1. each group is scanned sequentially (GROUP - 1 fused multiply-adds on 1/GROUP of the block, all
+     groups at once) and the decays' running products inside each group are taken (one cumprod);
+  2. the groups' end states are scanned by doubling (Hillis-Steele): after the step with offset k every
+     group holds the composition of its last 2k groups, h_g <- h_g + a_g h_{g-k}, a_g <- a_g a_{g-k};
+  3. every position adds (decays since its group's start) x (state before its group).
+That is about 3 log2(T / GROUP) + GROUP + 8 ops a block and about 20 passes over the block's state (doubling
+over all T positions, used for a ragged last block, needs about 60). Only decays <= 1 are multiplied (no
+logs, no division), so it is as stable as the naive loop and underflows to 0 where that does. The state
+carried from the previous block enters as the state before the first group. State and arithmetic are
+float32 (float64 for float64 inputs). Autograd works through it: while gradients are recorded every op is
+out of place and each block is checkpointed (training memory stays about one block too).
 """
 from __future__ import annotations
 
@@ -27,11 +30,12 @@ from torch.utils.checkpoint import checkpoint
 from .selective_scan import _finish, _prepare
 
 BLOCK_ELEMENTS = 1 << 25  # numbers in one (..., T, d, n) state tensor of a block (128 MiB in float32)
+GROUP = 8  # positions scanned one after another inside a block before the doubling runs over the groups
 
 
 def block_length(state_per_position: int, length: int) -> int:
-    """Positions in one block: as many as BLOCK_ELEMENTS allows (at least 16), at most the whole sequence."""
-    return max(1, min(length, max(16, BLOCK_ELEMENTS // max(1, state_per_position))))
+    """Positions in one block: as many as BLOCK_ELEMENTS allows, a multiple of GROUP (at least 2 GROUPs)."""
+    return max(1, min(length, max(2 * GROUP, BLOCK_ELEMENTS // max(1, state_per_position) // GROUP * GROUP)))
 
 
 def scan_block(a: torch.Tensor, b: torch.Tensor, carry: torch.Tensor | None = None) -> torch.Tensor:
@@ -62,9 +66,37 @@ def scan_block(a: torch.Tensor, b: torch.Tensor, carry: torch.Tensor | None = No
     return h
 
 
+def grouped_scan(a: torch.Tensor, b: torch.Tensor, carry: torch.Tensor | None = None) -> torch.Tensor:
+    """Like scan_block, with T a multiple of GROUP: a short sequential scan inside groups of GROUP positions (all
+    groups at once), doubling over the groups' end states only, then each position adds (its decays since the
+    group start) x (the state before its group). Same op count as doubling over T, about a third of the traffic.
+    """
+    grad = torch.is_grad_enabled() or torch.compiler.is_compiling()
+    a, b = a.unflatten(-3, (-1, GROUP)), b.unflatten(-3, (-1, GROUP))  # ..., G, GROUP, d, n
+    if grad:
+        hs = [b[..., 0, :, :]]
+        for j in range(1, GROUP):
+            hs.append(torch.addcmul(b[..., j, :, :], a[..., j, :, :], hs[-1]))
+        h = torch.stack(hs, dim=-3)
+    else:  # b is a fresh tensor: scan it in place
+        h = b
+        for j in range(1, GROUP):
+            h[..., j, :, :].addcmul_(a[..., j, :, :], h[..., j - 1, :, :])
+    decay = torch.cumprod(a, dim=-3)  # products of decays <= 1 since each group's start
+    ends = scan_block(decay[..., -1, :, :], h[..., -1, :, :].clone(), carry)  # state at each group's end
+    start = ends[..., :-1, :, :]
+    if carry is not None:
+        before = torch.cat([carry, start], dim=-3)
+    else:
+        before = torch.cat([torch.zeros_like(ends[..., :1, :, :]), start], dim=-3)
+    h = torch.addcmul(h, decay, before.unsqueeze(-3)) if grad else h.addcmul_(decay, before.unsqueeze(-3))
+    return h.flatten(-4, -3)
+
+
 def _block(delta, u, A, B, C, carry):
-    """One block: decays and inputs (..., T, d, n), the doubling scan, the read-out C.h and the last state."""
-    h = scan_block((delta * A).exp_(), delta * u * B, carry)
+    """One block: decays and inputs (..., T, d, n), the scan, the read-out C.h and the last state."""
+    scan = grouped_scan if delta.shape[-3] % GROUP == 0 else scan_block
+    h = scan((delta * A).exp_(), delta * u * B, carry)
     return torch.matmul(h, C), h[..., -1:, :, :].clone()
 
 
