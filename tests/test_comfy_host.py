@@ -28,84 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
 pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout for the host tier")
 
-IN_PROCESS = r"""
-import importlib, importlib.util, os, sys, tempfile, torch
-comfy_path, repo, models = sys.argv[1:4]
-sys.path.insert(0, comfy_path)
-import comfy.cli_args
-comfy.cli_args.args.cpu = True
-import comfy.model_management as mm, comfy.sample, safetensors.torch
-spec = importlib.util.spec_from_file_location("ComfyUI_Dimba", f"{repo}/__init__.py", submodule_search_locations=[repo])
-pack = importlib.util.module_from_spec(spec); sys.modules[spec.name] = pack; spec.loader.exec_module(pack)
-host, core = importlib.import_module("ComfyUI_Dimba.nodes.host"), importlib.import_module("ComfyUI_Dimba.dimba_core")
-T5TextEncoder = importlib.import_module("ComfyUI_Dimba.dimba_core.text").T5TextEncoder
-N = pack.NODE_CLASS_MAPPINGS
-ckpt, t5_dir = f"{models}/checkpoints/dimba_tiny.safetensors", f"{models}/text_encoders/t5_tiny"
-model, t5 = host.load_model(ckpt), host.load_t5(t5_dir, "cpu")
-encode = N["DimbaT5TextEncode"]().encode
-pos, neg = encode(t5, "a cat on a mat")[0], encode(t5, "")[0]
-assert pos[0][0].shape == (1, 300, 64) and pos[0][1]["attention_mask"].shape == (1, 300)
-latent = {"samples": torch.randn(2, 4, 24, 40, generator=torch.Generator().manual_seed(1))}
-
-# DimbaSampler gives exactly the headless result: dimba_core.sample seeded as dimba_core.pipeline seeds it
-ref, enc = core.load_dimba(ckpt), T5TextEncoder.from_pretrained(t5_dir)
-(pe, pm), (ne, _) = enc.encode(["a cat on a mat"]), enc.encode([""])
-assert torch.equal(pe, pos[0][0]) and torch.equal(pm, pos[0][1]["attention_mask"])
-sampler = N["DimbaSampler"]()
-for name in core.SAMPLERS:
-    for denoise in (1.0, 0.6):
-        got = sampler.sample(model, pos, neg, latent, 7, 4, 4.5, name, denoise)[0]["samples"]
-        init = latent["samples"] * 0.13025 if denoise < 1 else None
-        want = core.sample(ref, core.noise_like((2, 4, 24, 40), 7), pe.expand(2, -1, -1), ne.expand(2, -1, -1),
-                           mask=pm.expand(2, -1), steps=4, cfg_scale=4.5, sampler=name, init_latent=init,
-                           generator=torch.Generator("cpu").manual_seed(8), denoise=denoise) / 0.13025
-        assert torch.equal(got, want), (name, denoise, float((got - want).abs().max()))
-
-# KSampler: DimbaT5 conditioning (300 tokens + mask) equals CLIPLoader(pixart)-style conditioning (no mask)
-noise = comfy.sample.prepare_noise(latent["samples"], 3)
-run = lambda p, n, s="euler", sch="normal": comfy.sample.sample(model, noise, 4, 4.5, s, sch, p, n, latent["samples"],
-                                                                seed=3, disable_pbar=True)
-masked = run(pos, neg)
-clip_pos, clip_neg = [[pe[:, :int(pm.sum())], {"pooled_output": None}]], [[ne[:, :1], {"pooled_output": None}]]
-assert masked.shape == (2, 4, 24, 40) and torch.isfinite(masked).all()
-assert torch.allclose(masked, run(clip_pos, clip_neg), atol=1e-3, rtol=1e-3)
-assert torch.isfinite(sampler.sample(model, clip_pos, clip_neg, latent, 7, 4, 4.5, "dpmpp_2m")[0]["samples"]).all()
-for s, sch in [("dpmpp_2m", "karras"), ("uni_pc", "simple"), ("ddim", "ddim_uniform")]:
-    assert torch.isfinite(run(pos, neg, s, sch)).all(), (s, sch)
-
-def error(fn):
-    try:
-        fn()
-    except Exception as e:
-        return f"{type(e).__name__}: {e}"
-    raise AssertionError("no error")
-wide = [[torch.zeros(1, 5, 32), {"pooled_output": None}]]
-assert "caption_channels" in error(lambda: sampler.sample(model, wide, wide, latent, 0, 2, 4.5, "ddim"))
-assert "caption_channels" in error(lambda: run(wide, wide))
-assert "multiples of 16" in error(lambda: sampler.sample(model, pos, neg, {"samples": torch.zeros(1, 4, 25, 40)},
-                                                         0, 2, 4.5, "ddim"))
-bad = os.path.join(tempfile.mkdtemp(), "sd15.safetensors")
-safetensors.torch.save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 2)}, bad)
-assert "not a Dimba checkpoint" in error(lambda: host.load_model(bad))
-fresh = host.load_model(ckpt)  # low-VRAM budgets still load every weight: the layers are plain torch modules
-fresh.partially_load(torch.device("cpu"), 1)
-assert not fresh.model.model_lowvram and fresh.loaded_size() == fresh.model_size()
-assert fresh.partially_unload(torch.device("cpu"), 1) == 0
-sd3 = {"samples": torch.randn(1, 16, 24, 40)}  # an SD3/Flux latent: both samplers say which node to use
-for fail in (lambda: sampler.sample(model, pos, neg, sd3, 0, 2, 4.5, "ddim"),
-             lambda: comfy.sample.sample(model, noise[:1, :1].repeat(1, 16, 1, 1), 2, 4.5, "euler", "normal", pos,
-                                         neg, sd3["samples"], seed=3, disable_pbar=True)):
-    message = error(fail)
-    assert "16 channels" in message and "EmptyLatentImage" in message and "VAEEncode" in message, message
-sys.stderr.write("console bar check\n")
-sampler.sample(model, pos, neg, latent, 0, 3, 4.5, "euler")  # tqdm on stderr, as KSampler's console bar
-mm.interrupt_current_processing(True)
-assert "Interrupt" in error(lambda: sampler.sample(model, pos, neg, latent, 0, 2, 4.5, "ddim"))
-mm.interrupt_current_processing(False)
-print("in-process checks passed")
-"""
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -264,12 +186,17 @@ def test_bad_size_is_reported(server):
     assert errors and "multiples of 16" in errors[0]["exception_message"]
 
 
+def in_comfyui(base, *names, timeout=900):
+    """Run the checks of tests/in_comfyui.py (all but the slow ones, or `names`) in ComfyUI's Python."""
+    return subprocess.run([PYTHON, str(REPO / "tests" / "in_comfyui.py"), COMFYUI_PATH, str(REPO),
+                           str(base / "models"), *names], cwd=COMFYUI_PATH, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def test_in_process(base):
     """DimbaSampler == headless dimba_core.sample; KSampler with masked and mask-less T5 conditioning; errors."""
-    result = subprocess.run([PYTHON, "-c", IN_PROCESS, COMFYUI_PATH, str(REPO), str(base / "models")],
-                            cwd=COMFYUI_PATH, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "in-process checks passed" in result.stdout
+    result = in_comfyui(base)
+    assert result.returncode == 0 and " 0 failed" in result.stdout, result.stdout[-4000:] + result.stderr[-2000:]
     assert "3/3" in result.stderr.split("console bar check")[-1], "DimbaSampler prints no console progress bar"
 
 
@@ -284,42 +211,9 @@ def test_workflow_templates(server):
             assert r.status == 200 and r.read(3) == b"\xff\xd8\xff", name
 
 
-COMPILE = r"""
-import importlib, importlib.util, sys, time, torch
-comfy_path, repo, models = sys.argv[1:4]
-sys.path.insert(0, comfy_path)
-import comfy.cli_args
-comfy.cli_args.args.cpu = True
-import comfy.sample
-from comfy_extras.nodes_torch_compile import TorchCompileModel
-spec = importlib.util.spec_from_file_location("ComfyUI_Dimba", f"{repo}/__init__.py", submodule_search_locations=[repo])
-pack = importlib.util.module_from_spec(spec); sys.modules[spec.name] = pack; spec.loader.exec_module(pack)
-host = importlib.import_module("ComfyUI_Dimba.nodes.host")
-model, t5 = host.load_model(f"{models}/checkpoints/dimba_tiny.safetensors"), host.load_t5(f"{models}/text_encoders/t5_tiny", "cpu")
-encode = pack.NODE_CLASS_MAPPINGS["DimbaT5TextEncode"]().encode
-pos, neg = encode(t5, "a cat on a mat")[0], encode(t5, "")[0]
-latent = torch.zeros(1, 4, 16, 16)
-noise = comfy.sample.prepare_noise(latent, 5)
-run = lambda m: comfy.sample.sample(m, noise, 3, 4.5, "euler", "normal", pos, neg, latent, seed=5, disable_pbar=True)
-eager = run(model)
-compiled = TorchCompileModel.execute(model, "inductor").result[0]
-t0 = time.time()
-out = run(compiled)
-from torch._dynamo.utils import counters
-breaks = sum(counters["graph_break"].values())
-print(f"compiled KSampler run: {time.time() - t0:.1f} s, {counters['stats']['unique_graphs']} graphs, {breaks} graph breaks")
-for reason, n in list(counters["graph_break"].items())[:5]:
-    print(f"  break x{n}: {reason[:200]}")
-assert compiled.model_options.get("torch_compile_kwargs", {}).get("backend") == "inductor"
-assert torch.isfinite(out).all() and torch.allclose(out, eager, atol=1e-3, rtol=1e-3), float((out - eager).abs().max())
-print("compile checks passed")
-"""
-
-
 def test_torch_compile_model(base):
     """ComfyUI's TorchCompileModel (inductor) accepts the Dimba MODEL; KSampler through it matches eager."""
-    result = subprocess.run([PYTHON, "-c", COMPILE, COMFYUI_PATH, str(REPO), str(base / "models")],
-                            cwd=COMFYUI_PATH, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "compile checks passed" in result.stdout
+    result = in_comfyui(base, "test_torch_compile_model", timeout=1200)
+    assert result.returncode == 0 and "PASSED test_torch_compile_model" in result.stdout, \
+        result.stdout[-4000:] + result.stderr[-2000:]
     print(result.stdout)
