@@ -14,6 +14,7 @@ flipped copies against one stacked `parallel` call (the fused triton scan has it
 """
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import time
@@ -60,6 +61,14 @@ def inputs(px, dtype):
     return x, torch.tensor([500.0, 500.0], device="cuda"), y, mask
 
 
+def attention_only(model):
+    """The same network with mamba_ratio 0: Dimba's attention blocks and weights, no Mamba blocks."""
+    with torch.device("cuda"):
+        twin = Dimba(dataclasses.replace(model.config, mamba_ratio=0.0)).to(model.dtype)
+    twin.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("mamba_blocks.")})
+    return twin.eval().requires_grad_(False)
+
+
 def model_rows(sizes, dtypes, repeats):
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -72,6 +81,7 @@ def model_rows(sizes, dtypes, repeats):
     rows = []
     for dtype in dtypes:
         model = copy.deepcopy(fp32).to(dtype)  # the same weights, rounded
+        twin = attention_only(model)
         for px in sizes:
             args = inputs(px, dtype)
             variants = [("dimba", "auto", True), ("attention_only", "auto", False),
@@ -81,15 +91,14 @@ def model_rows(sizes, dtypes, repeats):
             if px == 512:
                 variants.append(("dimba_torch_scan", "torch", True))
             for name, backend, mamba in variants:
-                model.set_scan_backend(backend)
-                model.mamba_enabled = mamba
+                net = model.set_scan_backend(backend) if mamba else twin
                 with torch.inference_mode():
-                    out = model(*args)
-                    used = model.mamba_blocks[0].mixer.last_backend if mamba else "-"
+                    out = net(*args)
+                    used = net.mamba_blocks[0].mixer.backend_for(args[0]) if mamba else "-"
 
                     def run():
                         with torch.inference_mode():
-                            model(*args)
+                            net(*args)
 
                     ms = cuda_ms(run, repeats=repeats if backend != "torch" else 2)
                 row = dict(kind="model", name=name, backend=used, px=px, tokens=(px // 16) ** 2, dtype=str(dtype),
@@ -97,8 +106,7 @@ def model_rows(sizes, dtypes, repeats):
                            rel_err_vs_fp32_ref=rel(out.cpu(), refs[px]) if mamba else None)
                 rows.append(row)
                 print(row, flush=True)
-            model.mamba_enabled = True
-        del model
+        del model, twin
     return rows
 
 
@@ -165,7 +173,7 @@ def sampling_rows(px=1024, steps=20, dtype=torch.float16, backends=("auto",)):
         t0 = time.perf_counter()
         latent = run()
         torch.cuda.synchronize()
-        rows.append(dict(kind="sample", backend=model.mamba_blocks[0].mixer.last_backend, px=px, steps=steps,
+        rows.append(dict(kind="sample", backend=model.mamba_blocks[0].mixer.backend_for(latent), px=px, steps=steps,
                          dtype=str(dtype), s=time.perf_counter() - t0, finite=bool(torch.isfinite(latent).all())))
         print(rows[-1], flush=True)
     return rows

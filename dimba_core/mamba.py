@@ -38,7 +38,6 @@ class BiMambaMixer(nn.Module):
         self.d_state = d_state
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
         self.backend = ops.check_backend(backend)
-        self.last_backend: str | None = None  # what the latest forward actually ran
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
         for suffix in ("", "_b"):  # forward and backward direction
@@ -52,12 +51,14 @@ class BiMambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.D_b = nn.Parameter(torch.ones(self.d_inner))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def backend_for(self, hidden: torch.Tensor) -> str:
+        """The scan backend a forward on `hidden` runs (the setting resolved for its device and autograd)."""
         needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad
                                                                               for p in self.parameters()))
-        backend = ops.resolve_backend(self.backend, hidden.device, needs_grad)
-        if not torch.compiler.is_compiling():  # bookkeeping for eager callers only
-            self.last_backend = backend
+        return ops.resolve_backend(self.backend, hidden.device, needs_grad)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        backend = self.backend_for(hidden)
         if backend == "triton":
             return self._forward_fused(hidden)
         if backend == "parallel":

@@ -175,7 +175,6 @@ class Dimba(nn.Module):
                        backend=scan_backend) for _ in range(c.mamba_depth))
         self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels)
         self._mamba_after = c.mamba_after()
-        self.mamba_enabled = True  # False: the attention-only twin (benchmarks)
         self._pos_cache: dict = {}
 
     @property
@@ -215,7 +214,7 @@ class Dimba(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, y, t0, key_mask)
             j = self._mamba_after.get(i)
-            if j is not None and self.mamba_enabled:
+            if j is not None:
                 x, residual = self.mamba_blocks[j](x, residual)
         x = self.final_layer(x, t)
         return self.unpatchify(x, h, w).to(in_dtype)

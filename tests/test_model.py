@@ -29,7 +29,8 @@ def test_golden_parity_fp32(golden, golden_model, backend, case):
         out = model(t[x_key].float(), t["in.t"].float(), t["in.y"].float(), t["in.mask"] if use_mask else None)
     assert out.dtype == torch.float32 and out.shape == t["out." + case].shape
     assert rel_err(out, t["out." + case]) <= 1e-5
-    assert model.mamba_blocks[0].mixer.last_backend == backend
+    with torch.no_grad():
+        assert model.mamba_blocks[0].mixer.backend_for(t[x_key]) == backend
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -102,7 +103,7 @@ def test_scan_backend_is_visible_and_selectable():
     assert model.scan_backend == "auto"
     with torch.no_grad():
         model(torch.randn(1, 4, 4, 4), 1.0, torch.randn(1, 1, 8, 16))
-    assert model.mamba_blocks[0].mixer.last_backend == "torch"  # auto on a CPU tensor
+        assert model.mamba_blocks[0].mixer.backend_for(torch.zeros(1)) == "torch"  # auto on a CPU tensor
     with pytest.raises(ValueError, match="unknown scan backend"):
         model.set_scan_backend("triton-magic")
     if not torch.cuda.is_available():
