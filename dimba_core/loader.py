@@ -285,12 +285,11 @@ def _check_num_heads(num_heads, name: str) -> None:
 
 
 def load_dimba(source, *, device=None, dtype=None, num_heads: int | None = None, ema: bool = False,
-               scan_backend: str = "auto", model_class: type[Dimba] = Dimba, **overrides) -> Dimba:
+               scan_backend: str = "auto", **overrides) -> Dimba:
     """Build a Dimba model from a checkpoint path or state dict, inferring its config, and load it strictly.
 
     num_heads cannot be read from shapes: it defaults to the value stored by `convert`, else 16 (both
     published presets). Other config fields (pe_interpolation, base_size, ...) may be overridden.
-    model_class: a Dimba subclass to build instead (e.g. a host application's), with the same keys.
     """
     from . import ops
 
@@ -300,7 +299,7 @@ def load_dimba(source, *, device=None, dtype=None, num_heads: int | None = None,
     overrides = {k: v for k, v in dict(overrides, num_heads=num_heads).items() if v is not None}
     config = resolve_config(sd, stored, overrides, name)
     with torch.device("meta"):
-        model = model_class(config, scan_backend=scan_backend)
+        model = Dimba(config, scan_backend=scan_backend)
     sd = dict(sd)
     for key in OPTIONAL_BUFFERS:
         if key not in sd:

@@ -43,18 +43,32 @@ class DimbaModelConfig(comfy.supported_models_base.BASE):
     supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
 
 
-class DimbaDiffusion(dimba_core.Dimba):
-    """The Dimba network called the ComfyUI way: (x, t, context, attention_mask) -> eps (sigma channels dropped)."""
+class DimbaDiffusion(torch.nn.Module):
+    """ComfyUI's view of a dimba_core.Dimba: the same modules under the same state-dict keys (so LoRA files,
+    ModelSave and merges see `diffusion_model.<dimba key>`), called the ComfyUI way:
+    (x, t, context, attention_mask) -> eps. The Dimba itself stays reachable, unchanged, as `net`."""
+
+    def __init__(self, net: dimba_core.Dimba):
+        super().__init__()
+        object.__setattr__(self, "net", net)  # not a submodule: its children are registered here instead
+        for name, child in net.named_children():
+            self.add_module(name, child)
+        for name, buffer in net.named_buffers(recurse=False):
+            self.register_buffer(name, buffer)
+
+    @property
+    def config(self):
+        return self.net.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.dtype
 
     def forward(self, x, timesteps, context=None, attention_mask=None, control=None, transformer_options=None,
                 **kwargs):
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:  # e.g. KSampler with an SD3/Flux latent
             check_latent(x.shape, self.config.in_channels, self.config.patch_size)
-        return super().forward(x, timesteps, context, attention_mask)[:, : self.config.in_channels]
-
-    def full_output(self, x, timesteps, y, mask=None):
-        """The reference call (eps and learned-variance channels), as dimba_core.sample expects it."""
-        return dimba_core.Dimba.forward(self, x, timesteps, y, mask)
+        return self.net(x, timesteps, context, attention_mask)[:, : self.config.in_channels]
 
 
 class DimbaModel(comfy.model_base.BaseModel):
@@ -90,7 +104,7 @@ def pick_dtype(weight_dtype, stored, n_params, load_device):
 def load_model(path, weight_dtype="default"):
     """A Dimba checkpoint as a ComfyUI MODEL (ModelPatcher around a DimbaModel)."""
     try:
-        net = dimba_core.load_dimba(path, model_class=DimbaDiffusion)
+        net = dimba_core.load_dimba(path)
     except dimba_core.DimbaLoadError as err:
         raise ValueError(f"not a usable Dimba checkpoint: {err}") from None
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
@@ -98,16 +112,16 @@ def load_model(path, weight_dtype="default"):
     net.to(device=offload_device, dtype=dtype)
     config = DimbaModelConfig({**DimbaModelConfig.unet_config, **net.config.to_dict()})
     config.set_inference_dtype(dtype, None)
-    model = DimbaModel(config, net, device=offload_device)
+    model = DimbaModel(config, DimbaDiffusion(net), device=offload_device)
     return FullLoadPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
-def dimba_network(model):
-    """The DimbaDiffusion inside a MODEL, or a clear error for other models."""
-    net = getattr(getattr(model, "model", None), "diffusion_model", None)
-    if not isinstance(net, DimbaDiffusion):
+def dimba_network(model) -> dimba_core.Dimba:
+    """The dimba_core.Dimba inside a MODEL, or a clear error for other models."""
+    view = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if not isinstance(view, DimbaDiffusion):
         raise ValueError("DimbaSampler needs a MODEL from DimbaCheckpointLoader; use KSampler for other models")
-    return net
+    return view.net
 
 
 class DimbaT5:
@@ -215,7 +229,7 @@ def sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_na
 
     to = functools.partial(torch.Tensor.to, device=device)
     out = dimba_core.sample(
-        net.full_output, to(noise), to(cond), to(uncond),
+        net, to(noise), to(cond), to(uncond),
         mask=to(mask), uncond_mask=None if u_mask is None else to(u_mask), steps=steps, cfg_scale=cfg,
         sampler=sampler_name, seed=seed, callback=callback,
         init_latent=to(latent.float() * scale) if denoise < 1.0 else None, denoise=denoise)
