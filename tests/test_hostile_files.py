@@ -373,21 +373,6 @@ def t5_error(path) -> str:
     return str(err.value)
 
 
-@pytest.mark.parametrize("damage,word", [(_truncate, "truncated or corrupt"), (_garbage, "truncated or corrupt"),
-                                         (_header_only, "truncated or corrupt")])
-@pytest.mark.parametrize("form", ["file", "folder"])
-def test_broken_t5_file(tmp_path, t5_weights, damage, word, form):
-    import shutil
-
-    folder = Path(shutil.copytree(t5_weights, tmp_path / "t5"))
-    weights = folder / "model.safetensors"
-    if form == "file":
-        weights = Path(shutil.copy(weights, tmp_path / "t5xxl_fp16.safetensors"))
-    damage(weights)
-    msg = t5_error(weights if form == "file" else folder)
-    assert str(weights if form == "file" else folder) in msg and word in msg, msg
-
-
 def test_t5_folder_without_weights_or_config(tmp_path, t5_weights):
     (tmp_path / "empty").mkdir()
     assert "no .safetensors" in t5_error(tmp_path / "empty")
@@ -437,15 +422,20 @@ def vae_error(path, **kw) -> str:
 
 @pytest.mark.parametrize("damage", [_truncate, _garbage, _header_only])
 @pytest.mark.parametrize("form", ["file", "folder"])
-def test_broken_vae_file(tmp_path, vae_folder, damage, form):
+@pytest.mark.parametrize("kind", ["t5", "vae"])
+def test_broken_t5_or_vae_file(request, tmp_path, kind, damage, form):
+    """A damaged weight file, single or inside its folder, is one DimbaLoadError naming it."""
     import shutil
 
-    folder = Path(shutil.copytree(vae_folder, tmp_path / "vae"))
-    weights = folder / "diffusion_pytorch_model.safetensors"
+    source, name, single, error = {
+        "t5": ("t5_weights", "model.safetensors", "t5xxl_fp16.safetensors", t5_error),
+        "vae": ("vae_folder", "diffusion_pytorch_model.safetensors", "sdxl_vae.safetensors", vae_error)}[kind]
+    folder = Path(shutil.copytree(request.getfixturevalue(source), tmp_path / kind))
+    weights = folder / name
     if form == "file":
-        weights = Path(shutil.copy(weights, tmp_path / "sdxl_vae.safetensors"))
+        weights = Path(shutil.copy(weights, tmp_path / single))
     damage(weights)
-    msg = vae_error(weights if form == "file" else folder)
+    msg = error(weights if form == "file" else folder)
     assert str(weights if form == "file" else folder) in msg and "truncated or corrupt" in msg, msg
 
 
