@@ -233,3 +233,15 @@ class T5TextEncoder:
 
 __all__ = ["T5TextEncoder", "load_tokenizer", "tokenize", "find_tokenizer_dir",
            "comfy_tokenizer_dir", "read_t5_file", "MAX_LENGTH"]
+
+
+def __getattr__(name):
+    if name == "save_tiny_t5":  # moved in 0.2: deprecated alias for one release
+        import warnings
+
+        from .tiny_assets import write_tiny_t5
+
+        warnings.warn("dimba_core.text.save_tiny_t5 moved to dimba_core.tiny_assets.write_tiny_t5", DeprecationWarning,
+                      stacklevel=2)
+        return lambda out_dir, tokenizer_dir, **kw: write_tiny_t5(out_dir, tokenizer=tokenizer_dir, **kw)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
