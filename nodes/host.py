@@ -67,7 +67,7 @@ class DimbaDiffusion(torch.nn.Module):
     def forward(self, x, timesteps, context=None, attention_mask=None, control=None, transformer_options=None,
                 **kwargs):
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:  # e.g. KSampler with an SD3/Flux latent
-            check_latent(x.shape, self.config.in_channels, self.config.patch_size)
+            check_latent(x.shape, self.config)
         return self.net(x, timesteps, context, attention_mask)[:, : self.config.in_channels]
 
 
@@ -209,7 +209,7 @@ def sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_na
     if "noise_mask" in latent_image:
         raise ValueError("DimbaSampler does not inpaint (the latent has a noise_mask): use KSampler with the "
                          "Dimba MODEL for masked latents")
-    check_latent(latent.shape, config.in_channels, config.patch_size)
+    check_latent(latent.shape, config)
     cond, uncond, mask, u_mask = captions(positive, negative, latent.shape[0])
     config.check_caption_width(cond.shape[-1])
     config.check_caption_width(uncond.shape[-1])

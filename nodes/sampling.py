@@ -1,25 +1,30 @@
 """Sampling nodes: the paper's samplers and the reference resolution buckets."""
 from ._dimba import dimba_core, resolution
 
+RESOLUTION_SETTINGS = dimba_core.config.RESOLUTION_SETTINGS
+
 RATIOS = [str(r) for r in resolution.ASPECT_RATIOS_1024]
 SAMPLER_NAMES = ["dpmpp_2m"] + [s for s in dimba_core.SAMPLERS if s != "dpmpp_2m"]
 LATENT_HINT = {16: "an SD3/Flux latent, e.g. from EmptySD3LatentImage, which is not for Dimba"}
 
 
-def check_latent(shape, in_channels=4, patch_size=2):
-    """Raise a ValueError saying which node to use when a latent does not fit a Dimba model."""
+def check_latent(shape, config):
+    """DimbaConfig.check_latent, with the ComfyUI node to use in the message."""
     shape = tuple(shape)
-    if len(shape) != 4 or shape[1] != in_channels:
-        kind = f"has {shape[1]} channels" if len(shape) == 4 else f"is {len(shape)}-D {shape}"
-        hint = LATENT_HINT.get(shape[1], "not an SDXL latent") if len(shape) == 4 else "not an image latent"
-        raise ValueError(f"latent_image {kind} ({hint}); Dimba uses the SDXL VAE's {in_channels}-channel latents "
-                         f"(B x {in_channels} x H x W): use EmptyLatentImage for text-to-image, or VAEEncode with "
-                         "the SDXL VAE for image-to-image")
-    if shape[-2] % patch_size or shape[-1] % patch_size:
-        side = 8 * patch_size
-        raise ValueError(f"image width and height must be multiples of {side} px for this Dimba model, got "
-                         f"{shape[-1] * 8} x {shape[-2] * 8}: use DimbaResolutionSelect or round "
-                         f"EmptyLatentImage to a multiple of {side}")
+    try:
+        config.check_latent(shape)
+    except ValueError as err:
+        if len(shape) == 4 and shape[1] != config.in_channels:
+            hint = LATENT_HINT.get(shape[1], "not an SDXL latent")
+            raise ValueError(f"latent_image has {shape[1]} channels ({hint}); Dimba uses the SDXL VAE's "
+                             f"{config.in_channels}-channel latents: use EmptyLatentImage for text-to-image, or "
+                             "VAEEncode with the SDXL VAE for image-to-image") from None
+        if len(shape) == 4:
+            side = 8 * config.patch_size
+            raise ValueError(f"{err}: got {shape[-1] * 8} x {shape[-2] * 8} px; use DimbaResolutionSelect or round "
+                             f"EmptyLatentImage to a multiple of {side}") from None
+        raise ValueError(f"latent_image is {len(shape)}-D {shape}, not B x {config.in_channels} x H x W; use "
+                         "EmptyLatentImage for text-to-image, or VAEEncode for image-to-image") from None
 
 
 class DimbaSampler:
@@ -59,7 +64,7 @@ class DimbaResolutionSelect:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "base_resolution": ([512, 1024, 2048], {"default": 512, "tooltip": "The resolution the checkpoint "
+            "base_resolution": (list(RESOLUTION_SETTINGS), {"default": 512, "tooltip": "The resolution the checkpoint "
                                 "was trained at (512 for the published dimba-l-512)."}),
             "aspect_ratio": (RATIOS, {"default": "1.0", "tooltip": "Height / width of the reference bucket."}),
         }}

@@ -110,12 +110,14 @@ def test_resolution_default_is_the_published_checkpoints():
     ((1, 4, 25, 40), ["multiples of 16", "DimbaResolutionSelect"]),
 ])
 def test_latent_errors_name_the_node_to_use(shape, words):
+    from dimba_core import DimbaConfig
     from nodes.sampling import check_latent
 
+    config = DimbaConfig()
     with pytest.raises(ValueError) as err:
-        check_latent(shape)
+        check_latent(shape, config)
     assert all(w in str(err.value) for w in words), str(err.value)
-    check_latent((2, 4, 24, 40))
+    check_latent((2, 4, 24, 40), config)
 
 
 def test_no_comfy_outside_host():

@@ -3,9 +3,7 @@
 DIMBA_TEST_DEVICE=cuda runs the same tests on a GPU (there the goldens also run the `cuda` and `triton`
 backends when they are installed).
 """
-import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +13,6 @@ from dimba_core.mamba import BiMambaMixer
 from dimba_core.ops import selective_scan_parallel, selective_scan_ref
 
 DEVICE = os.environ.get("DIMBA_TEST_DEVICE", "cpu")
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "dimba_reference_tiny.safetensors"
 
 
 def rel_err(a, b):
@@ -189,20 +186,13 @@ def test_training_through_auto_and_torch_refuses_backprop():
         model(x, t, y, mask)  # inference is fine
 
 
-@pytest.mark.skipif(not GOLDEN.is_file(), reason=f"golden fixtures not found at {GOLDEN}")
 @pytest.mark.parametrize("case, x_key, use_mask", [("model_a", "in.x", True), ("model_a_nomask", "in.x", False),
                                                    ("model_a_nonsquare", "in.x_nonsquare", True),
                                                    ("model_b", "in.x", True)])
-def test_golden_parity_on_device(case, x_key, use_mask):
+def test_golden_parity_on_device(golden, golden_model, case, x_key, use_mask):
     """Golden outputs of the published code with `parallel` (and, on CUDA, `cuda` / `triton` when installed)."""
-    from safetensors import safe_open
-
-    with safe_open(str(GOLDEN), "pt") as f:
-        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-    name = case.split("_nomask")[0].split("_nonsquare")[0]
-    model = Dimba(DimbaConfig.from_reference(**json.loads(meta[name])))
-    model.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
-    model = model.to(DEVICE).eval()
+    tensors = golden[0]
+    model = golden_model(case.split("_nomask")[0].split("_nonsquare")[0]).to(DEVICE)
     on_cuda = torch.device(DEVICE).type == "cuda"
     backends = ["parallel"] + ["cuda"] * (on_cuda and ops.has_mamba_ssm()) + ["triton"] * (on_cuda and ops.has_triton())
     args = [tensors[k].float().to(DEVICE) for k in (x_key, "in.t", "in.y")]

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import RESOLUTION_SETTINGS
+from ..weights import DTYPES
+
 
 def add_train_parser(sub) -> argparse.ArgumentParser:
     """Register the `train` sub-command on the main parser's subparsers."""
@@ -25,7 +28,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the attention and Mamba projections; "
                                                             "0 (default): full fine-tuning")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
-    p.add_argument("--resolution", type=int, choices=(512, 1024, 2048),
+    p.add_argument("--resolution", type=int, choices=tuple(RESOLUTION_SETTINGS),
                    help="train at this resolution with the reference's base_size / pe_interpolation "
                         "(resolution adaptation, e.g. a 512 px checkpoint at 1024)")
     p.add_argument("--image-size", type=int, help="crop size in px (default: --resolution or the checkpoint's)")
@@ -36,7 +39,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=0.05, help="gradient clipping (0: off)")
     p.add_argument("--class-dropout-prob", type=float, default=0.1,
                    help="probability of replacing a caption by the learned null caption")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    p.add_argument("--precision", choices=sorted(DTYPES), default="fp32",
                    help="autocast dtype; master weights stay float32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in the backward pass")
     p.add_argument("--ema", type=float, default=0.0, dest="ema_decay", metavar="DECAY",
@@ -48,7 +51,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    help="full fine-tuning under torchrun: shard weights, gradients and optimizer state (FSDP2) "
                         "instead of replicating them (DDP); for Dimba-G-2")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available; torchrun: one GPU per process)")
-    p.add_argument("--save-dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="dtype of the output")
+    p.add_argument("--save-dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the output")
     p.add_argument("--num-heads", type=int, help="attention heads if the checkpoint does not say (default 16)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=train_main)

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..weights import DTYPES, torch_dtype
 from .data import LatentCache, cache_key, check_samples, encode_samples, find_samples
 from .objective import NUM_TIMESTEPS, training_losses
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {name: None if name == "fp32" else torch_dtype(name) for name in DTYPES}  # autocast; fp32: none
 # arguments a resumed run must share with the run that wrote the checkpoint
 RESUME_KEYS = ("seed", "batch_size", "lora_rank", "lora_alpha", "resolution", "image_size", "optimizer",
                "class_dropout_prob", "fsdp")
@@ -339,7 +339,7 @@ def write_outputs(opts: TrainOptions, model, lora, ema: dict | None, rank: int, 
 
     if rank != 0:
         return {}
-    out, dtype = Path(opts.out), SAVE_DTYPES[opts.save_dtype]
+    out, dtype = Path(opts.out), torch_dtype(opts.save_dtype)
     paths = {}
     for suffix, weights in (("", None), ("_ema", ema)):
         if suffix and weights is None:
