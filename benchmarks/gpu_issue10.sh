@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 10, item 5, in one run on a GPU machine (about 6-8 minutes on a warm H100/H200; each step has a timeout).
+# Issue 10, item 5, in one run on a GPU machine (at most 8 minutes: each step has a timeout, 200+100+200+60 s).
 #
 #   here (CPU box, checkout root):  bash benchmarks/gpu_issue10.sh prepare
 #       copies the mamba-ssm wheel (../shared/wheels, built for that image) and the golden fixtures / T5
@@ -11,7 +11,8 @@
 # parity on CUDA incl. the cuda/triton backends, triton kernels compiled); 2. benchmarks.gpu_check (backend
 # accuracy at Dimba-L size, no host sync under set_sync_debug_mode("error"), CUDA-graph capture, inductor);
 # 3. benchmarks.gpu_speed (Dimba-L-2 vs attention-only at 512/1024/2048 px fp16/bf16 for auto(cuda)/
-# parallel/triton, accuracy vs the fp32 ref model, scans vs two mamba-ssm calls, 20 CFG steps at 1024 px).
+# parallel/triton, accuracy vs the fp32 ref model, scans vs two mamba-ssm calls, 20 CFG steps at 1024 px);
+# 4. benchmarks.triton_scan (the fused scan's block configs against two mamba-ssm calls).
 # Not covered: the ComfyUI host tier on CUDA (needs a ComfyUI checkout there; set COMFYUI_PATH if carried).
 set -u
 if [ "${1:-}" = prepare ]; then
@@ -43,5 +44,7 @@ export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
     timeout 100 python3 -m benchmarks.gpu_check --out "$OUT/gpu_check.json" 2>&1 | grep -v Warning
     echo "== 3. gpu_speed"
     timeout 200 python3 -m benchmarks.gpu_speed --out "$OUT/gpu_speed.json" 2>&1 | grep -v Warning
+    echo "== 4. fused triton scan vs two mamba-ssm calls (fp16, three block configs)"
+    timeout 60 python3 -m benchmarks.triton_scan --dtype float16 --configs 8x16x4 4x32x4 8x32x8 2>&1 | grep -v Warning
     date -u
 } 2>&1 | tee "$LOG"
