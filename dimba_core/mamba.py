@@ -10,46 +10,69 @@ import torch.nn.functional as F
 from . import ops
 
 
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64, else float32 (the dtype the scan's state, A, D and the delta bias use)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _fp32(t: torch.Tensor) -> torch.Tensor:
     """At least float32 (float64 stays float64)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    return t.to(wide(t.dtype))
+
+
+def cast_to(t: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """A weight the forward reads directly, as `dtype` (default like's) on like's device; t itself if it already is.
+
+    Storage may differ from compute (float8 weights) and partial loading may leave it on another device.
+    """
+    dtype = like.dtype if dtype is None else dtype
+    if t is None or (t.dtype == dtype and t.device == like.device):
+        return t
+    return t.to(device=like.device, dtype=dtype)
+
+
+def _wide_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A, D or a delta bias in float32 (float64 stays float64) on like's device."""
+    return cast_to(t, like, wide(t.dtype))
 
 
 class RMSNorm(nn.Module):
     """RMS normalisation computed in float32 (eps 1e-5, weight only)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, dtype=None, device=None):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _fp32(x)
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(x.dtype)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * cast_to(self.weight, x)
 
 
 class BiMambaMixer(nn.Module):
     """Mamba selective-SSM mixer scanning the sequence both ways; out = out_proj(y_fwd + y_bwd)."""
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 dt_rank: int | None = None, backend: str = "auto"):
+                 dt_rank: int | None = None, backend: str = "auto", *, operations=nn, dtype=None, device=None):
         super().__init__()
+        dd = {"dtype": dtype, "device": device}
         self.d_inner = expand * d_model
         self.d_state = d_state
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
         self.backend = ops.check_backend(backend)
-        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.in_proj = operations.Linear(d_model, 2 * self.d_inner, bias=False, **dd)
+        self.out_proj = operations.Linear(self.d_inner, d_model, bias=False, **dd)
         for suffix in ("", "_b"):  # forward and backward direction
-            setattr(self, "conv1d" + suffix, nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner,
-                                                       padding=d_conv - 1))
-            setattr(self, "x_proj" + suffix, nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False))
-            setattr(self, "dt_proj" + suffix, nn.Linear(self.dt_rank, self.d_inner))
-        A_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1)
-        self.A_log = nn.Parameter(A_log)
-        self.A_b_log = nn.Parameter(A_log.clone())
-        self.D = nn.Parameter(torch.ones(self.d_inner))
-        self.D_b = nn.Parameter(torch.ones(self.d_inner))
+            setattr(self, "conv1d" + suffix, operations.Conv1d(
+                self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1, **dd))
+            setattr(self, "x_proj" + suffix, operations.Linear(
+                self.d_inner, self.dt_rank + 2 * d_state, bias=False, **dd))
+            setattr(self, "dt_proj" + suffix, operations.Linear(self.dt_rank, self.d_inner, **dd))
+        A_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32, device=device)).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(A_log.to(dtype=dtype))
+        self.A_b_log = nn.Parameter(A_log.to(dtype=dtype, copy=True))
+        self.D = nn.Parameter(torch.ones(self.d_inner, **dd))
+        self.D_b = nn.Parameter(torch.ones(self.d_inner, **dd))
 
     def backend_for(self, hidden: torch.Tensor) -> str:
         """The scan backend a forward on `hidden` runs (the setting resolved for its device and autograd)."""
@@ -73,13 +96,13 @@ class BiMambaMixer(nn.Module):
         """One direction: causal conv + SiLU, input-dependent (dt, B, C), selective scan, D skip, SiLU(z) gate."""
         conv, x_proj, dt_proj = (getattr(self, n + suffix) for n in ("conv1d", "x_proj", "dt_proj"))
         A_log, D = (self.A_log, self.D) if suffix == "" else (self.A_b_log, self.D_b)
-        x = ops.causal_conv1d(x.contiguous(), conv.weight.squeeze(1), conv.bias, backend)
+        x = ops.causal_conv1d(x.contiguous(), cast_to(conv.weight, x).squeeze(1), cast_to(conv.bias, x), backend)
         dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)
+        delta = F.linear(dt, cast_to(dt_proj.weight, dt)).transpose(1, 2)
         scan = ops.SCANS[backend]
-        return scan(x, delta.contiguous(), -torch.exp(_fp32(A_log)), B.transpose(1, 2).contiguous(),
-                    C.transpose(1, 2).contiguous(), _fp32(D), z.contiguous(),
-                    delta_bias=_fp32(dt_proj.bias), delta_softplus=True)
+        return scan(x, delta.contiguous(), -torch.exp(_wide_like(A_log, x)), B.transpose(1, 2).contiguous(),
+                    C.transpose(1, 2).contiguous(), _wide_like(D, x), z.contiguous(),
+                    delta_bias=_wide_like(dt_proj.bias, x), delta_softplus=True)
 
     def _forward_stacked(self, hidden: torch.Tensor) -> torch.Tensor:
         """Both directions as one problem (direction, batch, ...): one grouped conv, batched projections, one scan."""
@@ -87,15 +110,17 @@ class BiMambaMixer(nn.Module):
         d, split = self.d_inner, [self.dt_rank, self.d_state, self.d_state]
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # b, d, L
         pair = lambda fwd, bwd: torch.stack([fwd, bwd])[:, None]  # noqa: E731  (direction, 1, ...)
+        w = lambda t: cast_to(t, x)  # noqa: E731  (a weight in x's dtype, on x's device)
+        f = lambda t: _wide_like(t, x)  # noqa: E731  (A, D, delta bias: float32 on x's device)
         conv = ops.causal_conv1d(torch.cat([x, x.flip(-1)], dim=1),
-                                 torch.cat([self.conv1d.weight, self.conv1d_b.weight]).squeeze(1),
-                                 torch.cat([self.conv1d.bias, self.conv1d_b.bias]), "torch")
+                                 torch.cat([w(self.conv1d.weight), w(self.conv1d_b.weight)]).squeeze(1),
+                                 torch.cat([w(self.conv1d.bias), w(self.conv1d_b.bias)]), "torch")
         xs = conv.view(b, 2, d, length).transpose(0, 1)  # 2, b, d, L: the backward one on the reversed sequence
-        dt, B, C = torch.matmul(pair(self.x_proj.weight, self.x_proj_b.weight), xs).split(split, dim=2)
-        delta = F.softplus(_fp32(torch.matmul(pair(self.dt_proj.weight, self.dt_proj_b.weight), dt))
-                           + _fp32(pair(self.dt_proj.bias, self.dt_proj_b.bias))[..., None])  # 2, b, d, L
-        A = -torch.exp(_fp32(pair(self.A_log, self.A_b_log)))
-        y = ops.selective_scan_parallel(xs, delta, A, B, C, _fp32(pair(self.D, self.D_b)))
+        dt, B, C = torch.matmul(pair(w(self.x_proj.weight), w(self.x_proj_b.weight)), xs).split(split, dim=2)
+        delta = F.softplus(_fp32(torch.matmul(pair(w(self.dt_proj.weight), w(self.dt_proj_b.weight)), dt))
+                           + pair(f(self.dt_proj.bias), f(self.dt_proj_b.bias))[..., None])  # 2, b, d, L
+        A = -torch.exp(pair(f(self.A_log), f(self.A_b_log)))
+        y = ops.selective_scan_parallel(xs, delta, A, B, C, pair(f(self.D), f(self.D_b)))
         return self.out_proj(((y[0] + y[1].flip(-1)) * F.silu(z)).transpose(1, 2))  # the gate shared by both
 
     def _forward_fused(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -103,26 +128,29 @@ class BiMambaMixer(nn.Module):
         from .ops.triton_scan import bidirectional_conv1d_silu, bidirectional_selective_scan_triton
 
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # b, d, L views of (b, L, 2d)
-        x_f, x_b = bidirectional_conv1d_silu(x, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                             self.conv1d_b.weight.squeeze(1), self.conv1d_b.bias)
+        w = lambda t: cast_to(t, x)  # noqa: E731  (a weight in x's dtype, on x's device)
+        f = lambda t: _wide_like(t, x)  # noqa: E731  (A, D, delta bias: float32 on x's device)
+        x_f, x_b = bidirectional_conv1d_silu(x, w(self.conv1d.weight).squeeze(1), w(self.conv1d.bias),
+                                             w(self.conv1d_b.weight).squeeze(1), w(self.conv1d_b.bias))
         split = [self.dt_rank, self.d_state, self.d_state]
         dt_f, B_f, C_f = self.x_proj(x_f.transpose(1, 2)).split(split, dim=-1)
         dt_b, B_b, C_b = self.x_proj_b(x_b.transpose(1, 2)).split(split, dim=-1)
         t = lambda v: v.transpose(1, 2)  # noqa: E731  (b, L, c) -> (b, c, L) view
         y = bidirectional_selective_scan_triton(
-            x_f, x_b, t(F.linear(dt_f, self.dt_proj.weight)), t(F.linear(dt_b, self.dt_proj_b.weight)),
-            -torch.exp(_fp32(self.A_log)), -torch.exp(_fp32(self.A_b_log)), t(B_f), t(B_b), t(C_f), t(C_b),
-            _fp32(self.D), _fp32(self.D_b), z, _fp32(self.dt_proj.bias), _fp32(self.dt_proj_b.bias))
+            x_f, x_b, t(F.linear(dt_f, cast_to(self.dt_proj.weight, dt_f))),
+            t(F.linear(dt_b, cast_to(self.dt_proj_b.weight, dt_b))), -torch.exp(f(self.A_log)),
+            -torch.exp(f(self.A_b_log)), t(B_f), t(B_b), t(C_f), t(C_b), f(self.D), f(self.D_b), z,
+            f(self.dt_proj.bias), f(self.dt_proj_b.bias))
         return self.out_proj(y.transpose(1, 2))
 
 
 class MambaBlock(nn.Module):
     """Pre-norm Mamba block: residual = residual + x (float32), returns (Mixer(RMSNorm(residual)), residual)."""
 
-    def __init__(self, d_model: int, **mixer_kw):
+    def __init__(self, d_model: int, *, dtype=None, device=None, **mixer_kw):
         super().__init__()
-        self.norm = RMSNorm(d_model)
-        self.mixer = BiMambaMixer(d_model, **mixer_kw)
+        self.norm = RMSNorm(d_model, dtype=dtype, device=device)
+        self.mixer = BiMambaMixer(d_model, dtype=dtype, device=device, **mixer_kw)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None):
         residual = _fp32(x) if residual is None else residual + _fp32(x)

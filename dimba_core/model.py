@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import DimbaConfig
-from .mamba import MambaBlock
+from .mamba import MambaBlock, cast_to
 
 
 def flat_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -39,10 +39,10 @@ def sincos_pos_embed_2d(dim: int, h: int, w: int, base_size: int, pe_interpolati
 class Mlp(nn.Module):
     """Two linear layers with tanh-GELU."""
 
-    def __init__(self, dim: int, hidden: int, out: int | None = None):
+    def __init__(self, dim: int, hidden: int, out: int | None = None, *, operations=nn, dtype=None, device=None):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, out or dim)
+        self.fc1 = operations.Linear(dim, hidden, dtype=dtype, device=device)
+        self.fc2 = operations.Linear(hidden, out or dim, dtype=dtype, device=device)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -51,10 +51,10 @@ class Mlp(nn.Module):
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches to tokens: B x C x H x W -> B x (H/p * W/p) x D."""
 
-    def __init__(self, patch_size: int, in_channels: int, dim: int):
+    def __init__(self, patch_size: int, in_channels: int, dim: int, *, operations=nn, dtype=None, device=None):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+        self.proj = operations.Conv2d(in_channels, dim, patch_size, stride=patch_size, dtype=dtype, device=device)
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)
@@ -63,26 +63,29 @@ class PatchEmbed(nn.Module):
 class TimestepEmbedder(nn.Module):
     """256-dim sinusoidal [cos | sin] timestep features -> MLP."""
 
-    def __init__(self, dim: int, freq_dim: int = 256):
+    def __init__(self, dim: int, freq_dim: int = 256, *, operations=nn, dtype=None, device=None):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(operations.Linear(freq_dim, dim, dtype=dtype, device=device), nn.SiLU(),
+                                 operations.Linear(dim, dim, dtype=dtype, device=device))
 
-    def forward(self, t):
+    def forward(self, t, dtype: torch.dtype):
+        """Features of timesteps t (B,) through the MLP in the compute dtype `dtype` (not the storage dtype)."""
         half = self.freq_dim // 2  # float32 whatever the weights, as the reference does
         freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t.float()[:, None] * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+        return self.mlp(emb.to(dtype))
 
 
 class CaptionEmbedder(nn.Module):
     """Projects T5 features to the model width; y_embedding is the training-time null caption (unused here)."""
 
-    def __init__(self, caption_channels: int, dim: int, length: int):
+    def __init__(self, caption_channels: int, dim: int, length: int, *, operations=nn, dtype=None, device=None):
         super().__init__()
-        self.y_proj = Mlp(caption_channels, dim, dim)
-        self.register_buffer("y_embedding", torch.randn(length, caption_channels) / caption_channels ** 0.5)
+        self.y_proj = Mlp(caption_channels, dim, dim, operations=operations, dtype=dtype, device=device)
+        y_embedding = torch.randn(length, caption_channels, device=device) / caption_channels ** 0.5
+        self.register_buffer("y_embedding", y_embedding.to(dtype=dtype))
 
     def forward(self, y):
         return self.y_proj(y)
@@ -91,11 +94,11 @@ class CaptionEmbedder(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head softmax self-attention with a fused qkv projection."""
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, *, operations=nn, dtype=None, device=None):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = operations.Linear(dim, 3 * dim, dtype=dtype, device=device)
+        self.proj = operations.Linear(dim, dim, dtype=dtype, device=device)
 
     def forward(self, x):
         b, n, c = x.shape
@@ -107,12 +110,12 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head cross-attention to caption tokens; key_mask (B x L, True = valid) hides padding."""
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, *, operations=nn, dtype=None, device=None):
         super().__init__()
         self.num_heads = num_heads
-        self.q_linear = nn.Linear(dim, dim)
-        self.kv_linear = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.q_linear = operations.Linear(dim, dim, dtype=dtype, device=device)
+        self.kv_linear = operations.Linear(dim, 2 * dim, dtype=dtype, device=device)
+        self.proj = operations.Linear(dim, dim, dtype=dtype, device=device)
 
     def forward(self, x, y, key_mask=None):
         b, n, c = x.shape
@@ -127,17 +130,18 @@ class CrossAttention(nn.Module):
 class AttentionBlock(nn.Module):
     """PixArt block: adaLN-single modulated self-attention, cross-attention, MLP."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, operations=nn, dtype=None, device=None):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(dim, num_heads)
-        self.cross_attn = CrossAttention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim ** 0.5)
+        kw = {"operations": operations, "dtype": dtype, "device": device}
+        self.norm1 = operations.LayerNorm(dim, elementwise_affine=False, eps=1e-6, dtype=dtype, device=device)
+        self.attn = SelfAttention(dim, num_heads, **kw)
+        self.cross_attn = CrossAttention(dim, num_heads, **kw)
+        self.norm2 = operations.LayerNorm(dim, elementwise_affine=False, eps=1e-6, dtype=dtype, device=device)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), **kw)
+        self.scale_shift_table = nn.Parameter((torch.randn(6, dim, device=device) / dim ** 0.5).to(dtype=dtype))
 
     def forward(self, x, y, t0, key_mask=None):
-        mod = self.scale_shift_table[None] + t0.reshape(x.shape[0], 6, -1)
+        mod = cast_to(self.scale_shift_table, t0)[None] + t0.reshape(x.shape[0], 6, -1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + self.cross_attn(x, y, key_mask)
@@ -147,39 +151,53 @@ class AttentionBlock(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm and the linear map to p*p*out_channels."""
 
-    def __init__(self, dim: int, patch_size: int, out_channels: int):
+    def __init__(self, dim: int, patch_size: int, out_channels: int, *, operations=nn, dtype=None, device=None):
         super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
-        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim ** 0.5)
+        self.norm_final = operations.LayerNorm(dim, elementwise_affine=False, eps=1e-6, dtype=dtype, device=device)
+        self.linear = operations.Linear(dim, patch_size * patch_size * out_channels, dtype=dtype, device=device)
+        self.scale_shift_table = nn.Parameter((torch.randn(2, dim, device=device) / dim ** 0.5).to(dtype=dtype))
 
     def forward(self, x, t):
-        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)
+        shift, scale = (cast_to(self.scale_shift_table, t)[None] + t[:, None]).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
 class Dimba(nn.Module):
-    """Dimba denoiser: model(x, timestep, y, mask) -> B x 2C x H x W (eps | learned variance)."""
+    """Dimba denoiser: model(x, timestep, y, mask) -> B x 2C x H x W (eps | learned variance).
 
-    def __init__(self, config: DimbaConfig, scan_backend: str = "auto"):
+    Layers come from `operations` (a namespace with Linear, Conv1d, Conv2d, LayerNorm taking dtype and device,
+    such as ComfyUI's comfy.ops classes; default torch.nn), built with `dtype` and `device`.
+    """
+
+    def __init__(self, config: DimbaConfig, scan_backend: str = "auto", *, operations=None, dtype=None,
+                 device=None):
         super().__init__()
         self.config = c = config
-        self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)
-        self.t_embedder = TimestepEmbedder(c.hidden_size)
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden_size, 6 * c.hidden_size))
-        self.y_embedder = CaptionEmbedder(c.caption_channels, c.hidden_size, c.model_max_length)
-        self.register_buffer("pos_embed", torch.zeros(1, c.base_size ** 2, c.hidden_size))  # unused, kept for keys
-        self.blocks = nn.ModuleList(AttentionBlock(c.hidden_size, c.num_heads, c.mlp_ratio) for _ in range(c.depth))
+        kw = {"operations": operations or nn, "dtype": dtype, "device": device}
+        self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size, **kw)
+        self.t_embedder = TimestepEmbedder(c.hidden_size, **kw)
+        self.t_block = nn.Sequential(nn.SiLU(), kw["operations"].Linear(c.hidden_size, 6 * c.hidden_size,
+                                                                        dtype=dtype, device=device))
+        self.y_embedder = CaptionEmbedder(c.caption_channels, c.hidden_size, c.model_max_length, **kw)
+        self.register_buffer("pos_embed", torch.zeros(1, c.base_size ** 2, c.hidden_size, dtype=dtype,
+                                                      device=device))  # unused, kept for keys
+        self.blocks = nn.ModuleList(AttentionBlock(c.hidden_size, c.num_heads, c.mlp_ratio, **kw)
+                                    for _ in range(c.depth))
         self.mamba_blocks = nn.ModuleList(
             MambaBlock(c.hidden_size, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand, dt_rank=c.dt_rank,
-                       backend=scan_backend) for _ in range(c.mamba_depth))
-        self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels)
+                       backend=scan_backend, **kw) for _ in range(c.mamba_depth))
+        self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels, **kw)
         self._mamba_after = c.mamba_after()
         self._pos_cache: dict = {}
+        self.compute_dtype: torch.dtype | None = None  # None: the weights' dtype (float32 for 1-byte weights)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.x_embedder.proj.weight.dtype
+        """The compute dtype inputs are cast to: compute_dtype if set, else the weights' (float32 for float8)."""
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        weight = self.x_embedder.proj.weight.dtype
+        return torch.float32 if weight.itemsize == 1 else weight
 
     @property
     def scan_backend(self) -> str:
@@ -207,7 +225,7 @@ class Dimba(nn.Module):
         p = self.config.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
         x = self.x_embedder(x) + self.pos_embed_for(h, w, x.device, x.dtype)
-        t = self.t_embedder(t)
+        t = self.t_embedder(t, x.dtype)
         t0 = self.t_block(t)
         y = self.y_embedder(y)
         residual = None

@@ -1,0 +1,149 @@
+"""Dimba built from an `operations` namespace (as ComfyUI builds its models): every layer, dtype/device, fp8 storage."""
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dimba_core import Dimba, DimbaConfig
+from dimba_core.mamba import cast_to
+
+CFG = dict(hidden_size=32, depth=2, num_heads=2, caption_channels=16, model_max_length=8, base_size=4,
+           mamba_ratio=1.0)
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm)
+
+
+def counting_operations():
+    """A namespace of nn subclasses that record (class name, dtype, device) of every construction."""
+    built = []
+
+    def counted(base):
+        class Counted(base):
+            def __init__(self, *args, dtype=None, device=None, **kw):
+                built.append((base.__name__, dtype, device))
+                super().__init__(*args, dtype=dtype, device=device, **kw)
+
+        Counted.__name__ = "Counted" + base.__name__
+        return Counted
+
+    return types.SimpleNamespace(**{b.__name__: counted(b) for b in LAYERS}), built
+
+
+def _cast_params(module, x):
+    return cast_to(module.weight, x), cast_to(module.bias, x)
+
+
+class CastLinear(nn.Linear):
+    """Like comfy.ops' manual cast: weights stored in any dtype, cast to the input's at use."""
+
+    def forward(self, x):
+        return F.linear(x, *_cast_params(self, x))
+
+
+class CastConv2d(nn.Conv2d):
+    def forward(self, x):
+        return self._conv_forward(x, *_cast_params(self, x))
+
+
+class CastConv1d(nn.Conv1d):
+    def forward(self, x):
+        return self._conv_forward(x, *_cast_params(self, x))
+
+
+class CastLayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, *((None, None) if self.weight is None
+                                                         else _cast_params(self, x)), self.eps)
+
+
+CAST_OPS = types.SimpleNamespace(Linear=CastLinear, Conv1d=CastConv1d, Conv2d=CastConv2d, LayerNorm=CastLayerNorm)
+
+
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 1, 8, 16, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0], [1] * 5 + [0] * 3])
+    return x, torch.tensor([10.0, 700.0]), y, mask
+
+
+def reference(backend="torch"):
+    torch.manual_seed(0)
+    return Dimba(DimbaConfig(**CFG), scan_backend=backend).eval()
+
+
+def test_every_layer_comes_from_operations_with_dtype_and_device():
+    operations, built = counting_operations()
+    torch.manual_seed(0)
+    model = Dimba(DimbaConfig(**CFG), operations=operations, dtype=torch.float64, device="cpu")
+    layers = [m for m in model.modules() if isinstance(m, LAYERS)]
+    assert layers and all(type(m).__name__.startswith("Counted") for m in layers)  # no nn layer built directly
+    assert len(built) == len(layers)
+    assert all(dtype == torch.float64 and device == "cpu" for _, dtype, device in built)
+    assert all(t.dtype == torch.float64 for t in [*model.parameters(), *model.buffers()])
+
+
+@pytest.mark.parametrize("backend", ["torch", "parallel", "ref"])
+def test_outputs_unchanged_with_operations(backend):
+    operations, _ = counting_operations()
+    ref = reference(backend)
+    torch.manual_seed(0)
+    model = Dimba(DimbaConfig(**CFG), scan_backend=backend, operations=operations).eval()
+    with torch.no_grad():
+        assert torch.equal(model(*inputs()), ref(*inputs()))  # same init, same numbers
+
+
+class Allocations(TorchDispatchMode):
+    """Records the devices of every tensor an aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.devices = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.devices.add(t.device.type)
+        return out
+
+
+def test_meta_construction_allocates_nothing():
+    with Allocations() as seen:
+        model = Dimba(DimbaConfig(**CFG), operations=CAST_OPS, dtype=torch.bfloat16, device="meta")
+    assert seen.devices == {"meta"}
+    assert all(t.is_meta and t.dtype == torch.bfloat16 for t in [*model.parameters(), *model.buffers()])
+
+
+@pytest.mark.parametrize("storage", [torch.float8_e4m3fn, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["torch", "parallel"])
+def test_low_precision_storage_computes_in_float32(storage, backend):
+    """Weights stored in float8 (or bf16) and cast at use equal a float32 model holding the same rounded values."""
+    sd = {k: v.to(storage) for k, v in reference().state_dict().items()}
+    ref = reference(backend)
+    ref.load_state_dict({k: v.float() for k, v in sd.items()})
+    model = Dimba(DimbaConfig(**CFG), scan_backend=backend, operations=CAST_OPS, dtype=storage, device="meta")
+    model.load_state_dict(sd, assign=True)
+    model.eval()
+    assert model.mamba_blocks[0].mixer.A_log.dtype == storage
+    assert model.dtype == (torch.float32 if storage.itemsize == 1 else storage)  # float8: float32 by default
+    model.compute_dtype = torch.float32
+    with torch.no_grad():
+        out, expected = model(*inputs()), ref(*inputs())
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compute_dtype_overrides_the_weights_dtype():
+    model = Dimba(DimbaConfig(**CFG), operations=CAST_OPS).to(torch.bfloat16).eval()
+    model.compute_dtype = torch.float32
+    with torch.no_grad():
+        out = model(*inputs())
+    assert model.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_cast_to_is_a_no_op_when_dtype_and_device_match():
+    w, x = torch.randn(3), torch.randn(2)
+    assert cast_to(w, x) is w and cast_to(None, x) is None
+    assert cast_to(w.half(), x).dtype == torch.float32 and cast_to(w, x, torch.float64).dtype == torch.float64
