@@ -313,6 +313,7 @@ def step_generator(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed((check_seed(seed) + 1) % 2**64)
 
 
+@torch.no_grad()
 def sample(model, noise, cond, uncond, *, mask=None, steps: int | None = 20, cfg_scale: float = 4.5,
            sampler: str = "dpmpp_2m", seed: int = 0, generator=None, callback=None, init_latent=None,
            denoise: float = 1.0, uncond_mask=None, schedule: DiscreteSchedule | None = None) -> torch.Tensor:
