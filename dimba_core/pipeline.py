@@ -21,8 +21,9 @@ class GenerationError(RuntimeError):
     """Sampling or decoding produced something that is not an image (NaN or infinite values)."""
 
 
-def check_size(width: int | None, height: int | None) -> None:
-    """Image sides must be multiples of 16 (VAE factor 8 x patch 2) from 16 to MAX_SIDE px (None: not given)."""
+def check_size(width: int | None, height: int | None, multiple: int = 16) -> None:
+    """Image sides must be multiples of `multiple` px (VAE factor 8 x patch size: 16 for the published models)
+    from 16 to MAX_SIDE px (None: not given)."""
     for name, v in (("width", width), ("height", height)):
         if v is None:
             continue
@@ -30,10 +31,10 @@ def check_size(width: int | None, height: int | None) -> None:
             raise ValueError(f"image {name} must be a whole number of pixels, got {v!r}")
         if not 16 <= v <= MAX_SIDE:
             raise ValueError(f"image {name} {v} px is outside 16..{MAX_SIDE} px; Dimba was trained at up to 2048 px")
-    if any(v is not None and v % 16 for v in (width, height)):
-        w, h = (f"{max(16, v // 16 * 16)}" if v is not None else "?" for v in (width, height))
-        raise ValueError(f"image size {width}x{height} is not divisible by 16; Dimba needs width and height "
-                         f"that are multiples of 16 px (e.g. {w}x{h})")
+    if any(v is not None and v % multiple for v in (width, height)):
+        w, h = (f"{max(multiple, v // multiple * multiple)}" if v is not None else "?" for v in (width, height))
+        raise ValueError(f"image size {width}x{height} is not divisible by {multiple}; this Dimba model needs width "
+                         f"and height that are multiples of {multiple} px (e.g. {w}x{h})")
 
 
 def check_device(name, what: str = "device") -> torch.device:
@@ -103,7 +104,7 @@ class DimbaPipeline:
         if size and width is None and height is None:
             height, width = size
         width, height = width or base, height or base
-        check_size(width, height)
+        check_size(width, height, 8 * self.model.config.patch_size)
         check_request(seed=seed, batch=batch, steps=steps, cfg_scale=cfg_scale, sampler=sampler)
         cond, mask = self.text_encoder.encode([prompt])  # batch 1: sample() broadcasts it to the noise batch
         uncond, _ = self.text_encoder.encode([negative])

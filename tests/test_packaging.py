@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SHARED
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -31,8 +32,8 @@ def checkout(tmp_path_factory):
         target = checkout / path.relative_to(REPO)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
-    if (REPO.parent / "shared").is_dir():
-        (root / "shared").symlink_to(REPO.parent / "shared", target_is_directory=True)
+    if SHARED.is_dir():
+        (root / "shared").symlink_to(SHARED, target_is_directory=True)
     return checkout
 
 
