@@ -217,3 +217,14 @@ def test_cli_refuses_an_empty_folder_before_training(env, tmp_path, capsys):
     assert not (tmp_path / "out" / "checkpoints").exists()
     assert main(argv + ["--batch-size", "3", "--grad-accum", "2"]) == 2
     assert "must be a positive multiple" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("lr", float("nan")), ("lr", -1.0), ("lora_rank", -1),
+                                          ("ema_decay", 2.0), ("class_dropout_prob", 1.5),
+                                          ("max_grad_norm", float("inf")), ("seed", -3), ("warmup_steps", -1),
+                                          ("grad_accum", 0), ("lora_alpha", 0.0)])
+def test_impossible_options_are_refused_before_loading(field, value):
+    from dimba_core.train.loop import TrainOptions
+
+    with pytest.raises(ValueError, match=f"--{field.replace('_decay', '').replace('_', '-')} must be"):
+        TrainOptions(checkpoint="missing.safetensors", data="missing", out="out", **{field: value})

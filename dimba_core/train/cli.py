@@ -66,8 +66,6 @@ def train_main(args) -> None:
 
     fields = {f.name for f in dataclasses.fields(TrainOptions)}
     opts = TrainOptions(**{k: v for k, v in vars(args).items() if k in fields})
-    if opts.steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {opts.steps}")
     result = train(opts)
     for kind in ("weights", "ema"):
         if kind in result:

@@ -62,6 +62,38 @@ class TrainOptions:
     progress: bool = True
     fsdp: bool = False  # shard a full fine-tune across processes (FSDP2) instead of replicating it (DDP)
 
+    def __post_init__(self):
+        """Numbers that cannot work are refused before anything loads (ValueError naming the option)."""
+        def bad(name, value, rule):
+            raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {value!r}")
+
+        for name in ("steps", "grad_accum", "encode_batch_size", "max_length"):
+            if not _whole(getattr(self, name)) or getattr(self, name) < 1:
+                bad(name, getattr(self, name), "a whole number of at least 1")
+        for name in ("lora_rank", "save_every", "warmup_steps", "seed"):
+            value = getattr(self, name)
+            if value is not None and (not _whole(value) or value < 0):
+                bad(name, value, "a whole number of at least 0")
+        for name in ("lr", "lora_alpha"):
+            value = getattr(self, name)
+            if value is not None and not (_real(value) and value > 0):
+                bad(name, value, "a positive finite number")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not (_real(getattr(self, name)) and getattr(self, name) >= 0):
+                bad(name, getattr(self, name), "a finite number of at least 0")
+        if not (_real(self.class_dropout_prob) and 0 <= self.class_dropout_prob <= 1):
+            bad("class_dropout_prob", self.class_dropout_prob, "a probability from 0 to 1")
+        if not (_real(self.ema_decay) and 0 <= self.ema_decay < 1):
+            bad("ema", self.ema_decay, "a decay from 0 (off) to below 1, e.g. 0.9999")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 
 def seed_for(*parts: int) -> int:
     """A 63-bit seed from integers (numpy's SeedSequence mixing: nearby inputs give unrelated streams)."""
