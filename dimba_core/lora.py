@@ -5,6 +5,7 @@ A LoRA for weight `<key>.weight` is stored under `diffusion_model.<key>` or `lor
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -76,6 +77,8 @@ def lora_delta(group: dict, shape, key: str, name: str) -> torch.Tensor:
 
 def apply_lora(model: torch.nn.Module, source, strength: float = 1.0) -> torch.nn.Module:
     """Merge a LoRA (path or state dict) into the model's weights in place: W += strength * alpha/r * up @ down."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise ValueError(f"LoRA strength must be a finite number, got {strength!r}")
     sd, name = read_lora(source)
     weights = {k: v for k, v in model.state_dict().items() if k.endswith(".weight")}
     groups = group_lora(sd, set(weights), name)

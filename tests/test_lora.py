@@ -142,3 +142,9 @@ def test_comfyui_lora_loader_patches_what_apply_lora_merges(tmp_path):
     r = subprocess.run([python, "-c", COMFY_CHECK, os.environ["COMFYUI_PATH"], str(ROOT), str(tmp_path / "dimba.safetensors"),
                         str(tmp_path / "lora.safetensors")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "comfy-lora-ok" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
+def test_strength_must_be_finite():
+    for strength in (float("nan"), float("inf"), "0.5"):
+        with pytest.raises(ValueError, match="strength must be a finite number"):
+            apply_lora(tiny_dimba(), {}, strength)
