@@ -65,7 +65,6 @@ def plan_outputs(args, prompts) -> dict:
 
 def check_generate_args(args, prompts) -> None:
     """Every check that needs no model: sizes, settings, devices, input paths, LoRA specs."""
-    import math
     from pathlib import Path
 
     from .lora import parse_lora_spec
@@ -90,11 +89,9 @@ def check_generate_args(args, prompts) -> None:
         if value is not None and not Path(value).exists():
             raise ValueError(f"--{flag} {value}: no such file or folder")
     for spec in args.lora:
-        path, strength = parse_lora_spec(spec)
+        path, _ = parse_lora_spec(spec)
         if not Path(path).is_file():
             raise ValueError(f"--lora {spec}: no such file {path}")
-        if not math.isfinite(strength):
-            raise ValueError(f"--lora {spec}: the strength must be a finite number")
 
 
 def generate_main(args) -> None:

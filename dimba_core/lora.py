@@ -92,13 +92,17 @@ def apply_lora(model: torch.nn.Module, source, strength: float = 1.0) -> torch.n
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """'FILE[:STRENGTH]' -> (FILE, STRENGTH); a tail that is not a number belongs to the path."""
+    """'FILE[:STRENGTH]' -> (FILE, STRENGTH); a tail that is not a number belongs to the path; a non-finite
+    strength (nan, inf) is a ValueError."""
     path, sep, tail = spec.rpartition(":")
     if sep and path:
         try:
-            return path, float(tail)
+            strength = float(tail)
         except ValueError:
-            pass
+            return spec, 1.0
+        if not math.isfinite(strength):
+            raise ValueError(f"--lora {spec}: the strength must be a finite number")
+        return path, strength
     return spec, 1.0
 
 

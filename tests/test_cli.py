@@ -123,6 +123,7 @@ def bad_cases(tmp_path):
         "--out is a file": (["--out", str(a_file)], "is a file"),
         "--out under a file": (["--out", str(a_file / "sub")], "cannot create"),
         "missing lora": (["--lora", str(tmp_path / "nope.safetensors:0.5")], "no such file"),
+        "lora strength nan": (["--lora", f"{a_file}:nan"], "finite"),
         "no prompt": ([], "--prompt"),
     }
 
