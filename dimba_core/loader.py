@@ -27,7 +27,7 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 PREFIXES = ("module.", "model.diffusion_model.", "diffusion_model.", "model.")
 OPTIONAL_BUFFERS = ("pos_embed", "y_embedder.y_embedding")  # unused at inference; zero-filled when absent
 CONFIG_KEY = "dimba_config"
-WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2)
 SAFE_PICKLE_TORCH = (2, 6)  # before 2.6, torch.load(weights_only=True) can still run code (CVE-2025-32434)
 FILL_SLACK = 1 << 20  # values a zero-filled optional buffer may have beyond the checkpoint's own
 
@@ -133,7 +133,7 @@ def _check_tensors(sd: dict, name: str, from_file: bool) -> None:
            if v.dtype not in WEIGHT_DTYPES or v.layout != torch.strided or (from_file and v.is_meta)]
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise DimbaLoadError(f"{name}: Dimba weights must be dense float16/bfloat16/float32/float64 tensors, "
+        raise DimbaLoadError(f"{name}: Dimba weights must be dense float8/16/32/64 tensors, "
                              f"found {', '.join(bad[:5])}{more}; convert the original float checkpoint instead")
 
 
@@ -272,42 +272,53 @@ def _check_fill(sd: dict, config: DimbaConfig, name: str) -> None:
                                  f"more than the whole checkpoint holds; the value is wrong (pass a plausible one)")
 
 
-def check_state_dict(model: torch.nn.Module, sd: dict, name: str) -> None:
-    """Raise one DimbaLoadError listing missing, unexpected and mis-shaped keys."""
-    check_keys({k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in sd.items()}, name,
-               f"the Dimba architecture {model.config.to_dict()}")
-
-
 def _check_num_heads(num_heads, name: str) -> None:
     if num_heads is not None and (not isinstance(num_heads, numbers.Integral) or isinstance(num_heads, bool)
                                   or num_heads <= 0):
         raise DimbaLoadError(f"{name}: num_heads must be a positive integer, got {num_heads!r}")
 
 
-def load_dimba(source, *, device=None, dtype=None, num_heads: int | None = None, ema: bool = False,
-               scan_backend: str = "auto", **overrides) -> Dimba:
-    """Build a Dimba model from a checkpoint path or state dict, inferring its config, and load it strictly.
+def read_checkpoint(source, *, num_heads: int | None = None, ema: bool = False,
+                    **overrides) -> tuple[DimbaConfig, dict]:
+    """(config, state dict) of a checkpoint path or state dict, every key and shape checked; builds no model.
 
-    num_heads cannot be read from shapes: it defaults to the value stored by `convert`, else 16 (both
-    published presets). Other config fields (pe_interpolation, base_size, ...) may be overridden.
+    num_heads cannot be read from shapes: it defaults to the value stored by `convert` (or by ComfyUI's
+    ModelSave through the pack), else 16 (both published presets). Other config fields (pe_interpolation,
+    base_size, ...) may be overridden. Absent optional buffers are zero-filled.
     """
-    from . import ops
-
-    ops.check_backend(scan_backend)
     _check_num_heads(num_heads, _name(source))
     sd, stored, name = read_state_dict(source, ema=ema)
     overrides = {k: v for k, v in dict(overrides, num_heads=num_heads).items() if v is not None}
     config = resolve_config(sd, stored, overrides, name)
     with torch.device("meta"):
-        model = Dimba(config, scan_backend=scan_backend)
+        expected = Dimba(config).state_dict()
     sd = dict(sd)
     for key in OPTIONAL_BUFFERS:
         if key not in sd:
-            sd[key] = torch.zeros(model.get_buffer(key).shape)
-    check_state_dict(model, sd, name)
-    model.load_state_dict(sd, strict=True, assign=True)
-    dtype = dtype or sd["x_embedder.proj.weight"].dtype
-    return model.to(device=device or "cpu", dtype=dtype).eval().requires_grad_(False)
+            sd[key] = torch.zeros(expected[key].shape)
+    check_keys({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in sd.items()}, name,
+               f"the Dimba architecture {config.to_dict()}")
+    return config, sd
+
+
+def load_dimba(source, *, device=None, dtype=None, num_heads: int | None = None, ema: bool = False,
+               scan_backend: str = "auto", **overrides) -> Dimba:
+    """Build a Dimba model from a checkpoint path or state dict, inferring its config, and load it strictly.
+
+    Weights are stored in `dtype` (default: the file's; float32 for float8 files), the Mamba SSM parameters in
+    float32. num_heads and the overrides as in `read_checkpoint`.
+    """
+    from . import ops
+
+    ops.check_backend(scan_backend)
+    config, sd = read_checkpoint(source, num_heads=num_heads, ema=ema, **overrides)
+    stored = sd["x_embedder.proj.weight"].dtype
+    dtype = dtype or (torch.float32 if stored.itemsize == 1 else stored)
+    with torch.device("meta"):
+        model = Dimba(config, scan_backend=scan_backend, dtype=dtype)
+    model = model.to_empty(device=device or "cpu")
+    model.load_state_dict(sd, strict=True)  # copies into each parameter's own dtype
+    return model.eval().requires_grad_(False)
 
 
 def _check_output(path: Path) -> None:
@@ -352,7 +363,10 @@ def save_safetensors(model: Dimba, path, dtype=None) -> None:
 
     path = Path(path)
     _check_output(path)
-    sd = {k: (v.to(dtype) if dtype else v).contiguous().cpu() for k, v in model.state_dict().items()}
+    if dtype is not None:  # each tensor in the dtype a model built with `dtype` stores it in (SSM stays float32)
+        with torch.device("meta"):
+            dtypes = {k: v.dtype for k, v in Dimba(model.config, dtype=dtype).state_dict().items()}
+    sd = {k: (v.to(dtypes[k]) if dtype else v).contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {CONFIG_KEY: model.config.to_json(), "format": "pt"}
     write_atomically(path, lambda tmp: safetensors.torch.save_file(sd, tmp, metadata=metadata))
 

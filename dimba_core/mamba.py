@@ -15,6 +15,12 @@ def wide(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def table_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype of small parameters the forward reads directly (norm weights, modulation tables): the weight
+    dtype, but float32 for 1-byte (float8) weights, which only an operations namespace's layers compute with."""
+    return torch.float32 if dtype is not None and dtype.itemsize == 1 else dtype
+
+
 def _fp32(t: torch.Tensor) -> torch.Tensor:
     """At least float32 (float64 stays float64)."""
     return t.to(wide(t.dtype))
@@ -32,8 +38,21 @@ def cast_to(t: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype | Non
 
 
 def _wide_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A, D or a delta bias in float32 (float64 stays float64) on like's device."""
+    """A or D in float32 (float64 stays float64) on like's device."""
     return cast_to(t, like, wide(t.dtype))
+
+
+def layer_weights(layer: nn.Module, like: torch.Tensor, bias_dtype: torch.dtype | None = None):
+    """(weight, bias) of a layer whose weights the forward reads directly, in like's dtype (the bias in
+    `bias_dtype` if given) on like's device.
+
+    A layer from an operations namespace may supply them itself through a `cast_weights(like, bias_dtype)`
+    method: ComfyUI's layers do, so that their LoRA and low-VRAM weight patches apply here too.
+    """
+    hook = getattr(layer, "cast_weights", None)
+    if hook is not None:
+        return hook(like, bias_dtype)
+    return cast_to(layer.weight, like), cast_to(layer.bias, like, bias_dtype)
 
 
 class RMSNorm(nn.Module):
@@ -68,11 +87,17 @@ class BiMambaMixer(nn.Module):
             setattr(self, "x_proj" + suffix, operations.Linear(
                 self.d_inner, self.dt_rank + 2 * d_state, bias=False, **dd))
             setattr(self, "dt_proj" + suffix, operations.Linear(self.dt_rank, self.d_inner, **dd))
-        A_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32, device=device)).repeat(self.d_inner, 1)
-        self.A_log = nn.Parameter(A_log.to(dtype=dtype))
-        self.A_b_log = nn.Parameter(A_log.to(dtype=dtype, copy=True))
-        self.D = nn.Parameter(torch.ones(self.d_inner, **dd))
-        self.D_b = nn.Parameter(torch.ones(self.d_inner, **dd))
+        # The SSM parameters (A, D, delta bias) are stored in float32 whatever the weight dtype: they sit in
+        # exp/softplus, where half or 8-bit rounding would shift every step size (the CUDA kernels read them
+        # as float32 anyway).
+        ssm = wide(dtype or torch.get_default_dtype())
+        A_log = torch.log(torch.arange(1, d_state + 1, dtype=ssm, device=device)).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(A_log)
+        self.A_b_log = nn.Parameter(A_log.clone())
+        self.D = nn.Parameter(torch.ones(self.d_inner, dtype=ssm, device=device))
+        self.D_b = nn.Parameter(torch.ones(self.d_inner, dtype=ssm, device=device))
+        for proj in (self.dt_proj, self.dt_proj_b):
+            proj.bias = nn.Parameter(proj.bias.detach().to(ssm))
 
     def backend_for(self, hidden: torch.Tensor) -> str:
         """The scan backend a forward on `hidden` runs (the setting resolved for its device and autograd)."""
@@ -96,13 +121,15 @@ class BiMambaMixer(nn.Module):
         """One direction: causal conv + SiLU, input-dependent (dt, B, C), selective scan, D skip, SiLU(z) gate."""
         conv, x_proj, dt_proj = (getattr(self, n + suffix) for n in ("conv1d", "x_proj", "dt_proj"))
         A_log, D = (self.A_log, self.D) if suffix == "" else (self.A_b_log, self.D_b)
-        x = ops.causal_conv1d(x.contiguous(), cast_to(conv.weight, x).squeeze(1), cast_to(conv.bias, x), backend)
+        conv_w, conv_b = layer_weights(conv, x)
+        x = ops.causal_conv1d(x.contiguous(), conv_w.squeeze(1), conv_b, backend)
         dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, cast_to(dt_proj.weight, dt)).transpose(1, 2)
+        dt_w, dt_b = layer_weights(dt_proj, dt, wide(x.dtype))
+        delta = F.linear(dt, dt_w).transpose(1, 2)
         scan = ops.SCANS[backend]
         return scan(x, delta.contiguous(), -torch.exp(_wide_like(A_log, x)), B.transpose(1, 2).contiguous(),
                     C.transpose(1, 2).contiguous(), _wide_like(D, x), z.contiguous(),
-                    delta_bias=_wide_like(dt_proj.bias, x), delta_softplus=True)
+                    delta_bias=dt_b, delta_softplus=True)
 
     def _forward_stacked(self, hidden: torch.Tensor) -> torch.Tensor:
         """Both directions as one problem (direction, batch, ...): one grouped conv, batched projections, one scan."""
@@ -110,15 +137,15 @@ class BiMambaMixer(nn.Module):
         d, split = self.d_inner, [self.dt_rank, self.d_state, self.d_state]
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # b, d, L
         pair = lambda fwd, bwd: torch.stack([fwd, bwd])[:, None]  # noqa: E731  (direction, 1, ...)
-        w = lambda t: cast_to(t, x)  # noqa: E731  (a weight in x's dtype, on x's device)
-        f = lambda t: _wide_like(t, x)  # noqa: E731  (A, D, delta bias: float32 on x's device)
-        conv = ops.causal_conv1d(torch.cat([x, x.flip(-1)], dim=1),
-                                 torch.cat([w(self.conv1d.weight), w(self.conv1d_b.weight)]).squeeze(1),
-                                 torch.cat([w(self.conv1d.bias), w(self.conv1d_b.bias)]), "torch")
+        f = lambda t: _wide_like(t, x)  # noqa: E731  (A, D: float32 on x's device)
+        (cw, cb), (cw_b, cb_b) = layer_weights(self.conv1d, x), layer_weights(self.conv1d_b, x)
+        conv = ops.causal_conv1d(torch.cat([x, x.flip(-1)], dim=1), torch.cat([cw, cw_b]).squeeze(1),
+                                 torch.cat([cb, cb_b]), "torch")
         xs = conv.view(b, 2, d, length).transpose(0, 1)  # 2, b, d, L: the backward one on the reversed sequence
-        dt, B, C = torch.matmul(pair(w(self.x_proj.weight), w(self.x_proj_b.weight)), xs).split(split, dim=2)
-        delta = F.softplus(_fp32(torch.matmul(pair(w(self.dt_proj.weight), w(self.dt_proj_b.weight)), dt))
-                           + pair(f(self.dt_proj.bias), f(self.dt_proj_b.bias))[..., None])  # 2, b, d, L
+        x_w, x_w_b = layer_weights(self.x_proj, x)[0], layer_weights(self.x_proj_b, x)[0]
+        dt, B, C = torch.matmul(pair(x_w, x_w_b), xs).split(split, dim=2)
+        (dt_w, dt_b), (dt_w_b, dt_b_b) = (layer_weights(p, x, wide(x.dtype)) for p in (self.dt_proj, self.dt_proj_b))
+        delta = F.softplus(_fp32(torch.matmul(pair(dt_w, dt_w_b), dt)) + pair(dt_b, dt_b_b)[..., None])  # 2, b, d, L
         A = -torch.exp(pair(f(self.A_log), f(self.A_b_log)))
         y = ops.selective_scan_parallel(xs, delta, A, B, C, pair(f(self.D), f(self.D_b)))
         return self.out_proj(((y[0] + y[1].flip(-1)) * F.silu(z)).transpose(1, 2))  # the gate shared by both
@@ -128,19 +155,17 @@ class BiMambaMixer(nn.Module):
         from .ops.triton_scan import bidirectional_conv1d_silu, bidirectional_selective_scan_triton
 
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # b, d, L views of (b, L, 2d)
-        w = lambda t: cast_to(t, x)  # noqa: E731  (a weight in x's dtype, on x's device)
-        f = lambda t: _wide_like(t, x)  # noqa: E731  (A, D, delta bias: float32 on x's device)
-        x_f, x_b = bidirectional_conv1d_silu(x, w(self.conv1d.weight).squeeze(1), w(self.conv1d.bias),
-                                             w(self.conv1d_b.weight).squeeze(1), w(self.conv1d_b.bias))
+        f = lambda t: _wide_like(t, x)  # noqa: E731  (A, D: float32 on x's device)
+        (cw, cb), (cw_b, cb_b) = layer_weights(self.conv1d, x), layer_weights(self.conv1d_b, x)
+        x_f, x_b = bidirectional_conv1d_silu(x, cw.squeeze(1), cb, cw_b.squeeze(1), cb_b)
         split = [self.dt_rank, self.d_state, self.d_state]
         dt_f, B_f, C_f = self.x_proj(x_f.transpose(1, 2)).split(split, dim=-1)
         dt_b, B_b, C_b = self.x_proj_b(x_b.transpose(1, 2)).split(split, dim=-1)
+        (w_f, bias_f), (w_b, bias_b) = (layer_weights(p, x, wide(x.dtype)) for p in (self.dt_proj, self.dt_proj_b))
         t = lambda v: v.transpose(1, 2)  # noqa: E731  (b, L, c) -> (b, c, L) view
         y = bidirectional_selective_scan_triton(
-            x_f, x_b, t(F.linear(dt_f, cast_to(self.dt_proj.weight, dt_f))),
-            t(F.linear(dt_b, cast_to(self.dt_proj_b.weight, dt_b))), -torch.exp(f(self.A_log)),
-            -torch.exp(f(self.A_b_log)), t(B_f), t(B_b), t(C_f), t(C_b), f(self.D), f(self.D_b), z,
-            f(self.dt_proj.bias), f(self.dt_proj_b.bias))
+            x_f, x_b, t(F.linear(dt_f, w_f)), t(F.linear(dt_b, w_b)), -torch.exp(f(self.A_log)),
+            -torch.exp(f(self.A_b_log)), t(B_f), t(B_b), t(C_f), t(C_b), f(self.D), f(self.D_b), z, bias_f, bias_b)
         return self.out_proj(y.transpose(1, 2))
 
 
@@ -149,7 +174,7 @@ class MambaBlock(nn.Module):
 
     def __init__(self, d_model: int, *, dtype=None, device=None, **mixer_kw):
         super().__init__()
-        self.norm = RMSNorm(d_model, dtype=dtype, device=device)
+        self.norm = RMSNorm(d_model, dtype=table_dtype(dtype), device=device)
         self.mixer = BiMambaMixer(d_model, dtype=dtype, device=device, **mixer_kw)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None):

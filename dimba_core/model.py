@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import DimbaConfig
-from .mamba import MambaBlock, cast_to
+from .mamba import MambaBlock, cast_to, table_dtype
 
 
 def flat_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -85,7 +85,7 @@ class CaptionEmbedder(nn.Module):
         super().__init__()
         self.y_proj = Mlp(caption_channels, dim, dim, operations=operations, dtype=dtype, device=device)
         y_embedding = torch.randn(length, caption_channels, device=device) / caption_channels ** 0.5
-        self.register_buffer("y_embedding", y_embedding.to(dtype=dtype))
+        self.register_buffer("y_embedding", y_embedding.to(dtype=table_dtype(dtype)))
 
     def forward(self, y):
         return self.y_proj(y)
@@ -138,7 +138,7 @@ class AttentionBlock(nn.Module):
         self.cross_attn = CrossAttention(dim, num_heads, **kw)
         self.norm2 = operations.LayerNorm(dim, elementwise_affine=False, eps=1e-6, dtype=dtype, device=device)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), **kw)
-        self.scale_shift_table = nn.Parameter((torch.randn(6, dim, device=device) / dim ** 0.5).to(dtype=dtype))
+        self.scale_shift_table = nn.Parameter((torch.randn(6, dim, device=device) / dim ** 0.5).to(table_dtype(dtype)))
 
     def forward(self, x, y, t0, key_mask=None):
         mod = cast_to(self.scale_shift_table, t0)[None] + t0.reshape(x.shape[0], 6, -1)
@@ -155,7 +155,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm_final = operations.LayerNorm(dim, elementwise_affine=False, eps=1e-6, dtype=dtype, device=device)
         self.linear = operations.Linear(dim, patch_size * patch_size * out_channels, dtype=dtype, device=device)
-        self.scale_shift_table = nn.Parameter((torch.randn(2, dim, device=device) / dim ** 0.5).to(dtype=dtype))
+        self.scale_shift_table = nn.Parameter((torch.randn(2, dim, device=device) / dim ** 0.5).to(table_dtype(dtype)))
 
     def forward(self, x, t):
         shift, scale = (cast_to(self.scale_shift_table, t)[None] + t[:, None]).chunk(2, dim=1)
@@ -166,7 +166,9 @@ class Dimba(nn.Module):
     """Dimba denoiser: model(x, timestep, y, mask) -> B x 2C x H x W (eps | learned variance).
 
     Layers come from `operations` (a namespace with Linear, Conv1d, Conv2d, LayerNorm taking dtype and device,
-    such as ComfyUI's comfy.ops classes; default torch.nn), built with `dtype` and `device`.
+    such as ComfyUI's comfy.ops classes; default torch.nn), built with `dtype` and `device`. The Mamba SSM
+    parameters (A, D, delta bias) are float32 in every weight dtype; with float8 weights the parameters read
+    directly (norm weights, modulation tables) are float32 too.
     """
 
     def __init__(self, config: DimbaConfig, scan_backend: str = "auto", *, operations=None, dtype=None,
@@ -179,7 +181,7 @@ class Dimba(nn.Module):
         self.t_block = nn.Sequential(nn.SiLU(), kw["operations"].Linear(c.hidden_size, 6 * c.hidden_size,
                                                                         dtype=dtype, device=device))
         self.y_embedder = CaptionEmbedder(c.caption_channels, c.hidden_size, c.model_max_length, **kw)
-        self.register_buffer("pos_embed", torch.zeros(1, c.base_size ** 2, c.hidden_size, dtype=dtype,
+        self.register_buffer("pos_embed", torch.zeros(1, c.base_size ** 2, c.hidden_size, dtype=table_dtype(dtype),
                                                       device=device))  # unused, kept for keys
         self.blocks = nn.ModuleList(AttentionBlock(c.hidden_size, c.num_heads, c.mlp_ratio, **kw)
                                     for _ in range(c.depth))
@@ -219,9 +221,12 @@ class Dimba(nn.Module):
             self._pos_cache[key] = pe.to(device=device, dtype=dtype)[None]
         return self._pos_cache[key]
 
-    def forward(self, x: torch.Tensor, timestep, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timestep, y: torch.Tensor, mask: torch.Tensor | None = None, *,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+        """eps | variance for latents x (B x C x H x W), timesteps (B or scalar), T5 features y (B x L x C) and
+        their mask (B x L, 1 = token); computed in `dtype` (default self.dtype), returned in x's dtype."""
         in_dtype = x.dtype
-        x, t, y, key_mask = self._check_inputs(x, timestep, y, mask)
+        x, t, y, key_mask = self._check_inputs(x, timestep, y, mask, dtype or self.dtype)
         p = self.config.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
         x = self.x_embedder(x) + self.pos_embed_for(h, w, x.device, x.dtype)
@@ -243,12 +248,12 @@ class Dimba(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def _check_inputs(self, x, timestep, y, mask):
-        """Validate shapes, cast to the weights' dtype, build the key-padding mask; returns x, t, y, key_mask.
+    def _check_inputs(self, x, timestep, y, mask, dtype):
+        """Validate shapes, cast to the compute dtype, build the key-padding mask; returns x, t, y, key_mask.
 
         No host synchronisation on accelerators or while compiling (CUDA graphs, torch.compile can capture it).
         """
-        c, dtype = self.config, self.dtype
+        c = self.config
         c.check_latent(x.shape)
         b = x.shape[0]
         t = torch.as_tensor(timestep, device=x.device).reshape(-1)

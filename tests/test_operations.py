@@ -113,7 +113,14 @@ def test_meta_construction_allocates_nothing():
     with Allocations() as seen:
         model = Dimba(DimbaConfig(**CFG), operations=CAST_OPS, dtype=torch.bfloat16, device="meta")
     assert seen.devices == {"meta"}
-    assert all(t.is_meta and t.dtype == torch.bfloat16 for t in [*model.parameters(), *model.buffers()])
+    dtypes = {k: t.dtype for k, t in model.state_dict().items()}
+    ssm = {k for k in dtypes if k.rsplit(".", 1)[-1] in SSM or k.endswith(("dt_proj.bias", "dt_proj_b.bias"))}
+    assert len(ssm) == 6 * CFG["depth"] and all(t.is_meta for t in model.state_dict().values())
+    assert {dtypes[k] for k in ssm} == {torch.float32}  # the Mamba SSM parameters: float32 in every dtype
+    assert {dtypes[k] for k in set(dtypes) - ssm} == {torch.bfloat16}
+
+
+SSM = ("A_log", "A_b_log", "D", "D_b")
 
 
 @pytest.mark.parametrize("storage", [torch.float8_e4m3fn, torch.bfloat16])
@@ -124,9 +131,11 @@ def test_low_precision_storage_computes_in_float32(storage, backend):
     ref = reference(backend)
     ref.load_state_dict({k: v.float() for k, v in sd.items()})
     model = Dimba(DimbaConfig(**CFG), scan_backend=backend, operations=CAST_OPS, dtype=storage, device="meta")
-    model.load_state_dict(sd, assign=True)
+    model.to_empty(device="cpu").load_state_dict(sd)
     model.eval()
-    assert model.mamba_blocks[0].mixer.A_log.dtype == storage
+    mixer = model.mamba_blocks[0].mixer
+    assert mixer.in_proj.weight.dtype == storage and mixer.A_log.dtype == mixer.dt_proj.bias.dtype == torch.float32
+    assert model.blocks[0].scale_shift_table.dtype == (torch.float32 if storage.itemsize == 1 else storage)
     assert model.dtype == (torch.float32 if storage.itemsize == 1 else storage)  # float8: float32 by default
     model.compute_dtype = torch.float32
     with torch.no_grad():
