@@ -26,7 +26,8 @@ from .weights import DimbaLoadError, check_keys, open_safetensors
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 PREFIXES = ("module.", "model.diffusion_model.", "diffusion_model.", "model.")
 OPTIONAL_BUFFERS = ("pos_embed", "y_embedder.y_embedding")  # unused at inference; zero-filled when absent
-CONFIG_KEY = "dimba_config"
+CONFIG_KEY = "dimba_config"  # the config: safetensors metadata, or (ComfyUI saves) a uint8 tensor of JSON
+COMFY_PREFIX = "model.diffusion_model."  # the denoiser's keys in a ComfyUI checkpoint (CheckpointSave, ModelSave)
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2)
 SAFE_PICKLE_TORCH = (2, 6)  # before 2.6, torch.load(weights_only=True) can still run code (CVE-2025-32434)
 FILL_SLACK = 1 << 20  # values a zero-filled optional buffer may have beyond the checkpoint's own
@@ -60,9 +61,36 @@ def read_state_dict(source, *, ema: bool = False) -> tuple[dict, dict | None, st
         raw = source
     else:
         raise DimbaLoadError(f"cannot load a Dimba model from {type(source).__name__}; pass a path or a state dict")
+    if stored_config is None and isinstance(raw, Mapping) and isinstance(raw.get(CONFIG_KEY), torch.Tensor):
+        stored_config = _config_tensor(raw[CONFIG_KEY], name)
     sd = _select(raw, ema, name)
     _check_tensors(sd, name, from_file=not isinstance(source, Mapping))
     return sd, stored_config, name
+
+
+def _parse_config(text: str, name: str, where: str) -> dict:
+    """The config JSON object stored with a checkpoint."""
+    try:
+        stored = json.loads(text)
+    except ValueError as e:
+        raise DimbaLoadError(f"{name}: its '{CONFIG_KEY}' {where} is not valid JSON ({e}); convert the "
+                             "original checkpoint again") from None
+    if not isinstance(stored, dict):
+        raise DimbaLoadError(f"{name}: its '{CONFIG_KEY}' {where} is a JSON {type(stored).__name__}, not a "
+                             "JSON object of config fields; convert the original checkpoint again")
+    return stored
+
+
+def _config_tensor(t: torch.Tensor, name: str) -> dict:
+    """The config a ComfyUI ModelSave / CheckpointSave of the pack stores as a uint8 tensor of JSON text."""
+    if t.dtype != torch.uint8 or t.ndim != 1 or t.numel() > 1 << 16:
+        raise DimbaLoadError(f"{name}: its '{CONFIG_KEY}' tensor must be a 1-D uint8 tensor of JSON text, got "
+                             f"{str(t.dtype).replace('torch.', '')} {tuple(t.shape)}")
+    try:
+        text = bytes(t.tolist()).decode("utf-8")
+    except UnicodeDecodeError:
+        raise DimbaLoadError(f"{name}: its '{CONFIG_KEY}' tensor is not UTF-8 JSON text") from None
+    return _parse_config(text, name, "tensor")
 
 
 def _name(source) -> str:
@@ -75,15 +103,7 @@ def _read_safetensors(path: Path):
         sd = {k: f.get_tensor(k) for k in f.keys()}
     if CONFIG_KEY not in meta:
         return sd, None
-    try:
-        stored = json.loads(meta[CONFIG_KEY])
-    except ValueError as e:
-        raise DimbaLoadError(f"{path}: its '{CONFIG_KEY}' metadata is not valid JSON ({e}); convert the "
-                             "original checkpoint again") from None
-    if not isinstance(stored, dict):
-        raise DimbaLoadError(f"{path}: its '{CONFIG_KEY}' metadata is a JSON {type(stored).__name__}, not a "
-                             "JSON object of config fields; convert the original checkpoint again")
-    return sd, stored
+    return sd, _parse_config(meta[CONFIG_KEY], str(path), "metadata")
 
 
 def _read_pickle(path: Path):
@@ -120,7 +140,9 @@ def _select(raw, ema: bool, name: str) -> dict:
         raise DimbaLoadError(f"{name}: has no 'state_dict_ema' (keys: {keys}); load with ema=False")
     elif isinstance(raw.get("model"), Mapping):
         raw = raw["model"]
-    sd = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    sd = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, torch.Tensor) and k != CONFIG_KEY}
+    if any(k.startswith(COMFY_PREFIX) for k in sd):  # a ComfyUI checkpoint; its VAE / text encoder parts go
+        sd = {k: v for k, v in sd.items() if k.startswith(COMFY_PREFIX)}
     for prefix in PREFIXES:
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}

@@ -8,22 +8,25 @@ import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.ops
 import comfy.supported_models_base
 import comfy.utils
 import latent_preview
 from tqdm.auto import tqdm
 
-from ._dimba import dimba_core, sampling, text, weights
+from ._dimba import dimba_core, loader, sampling, text, weights
 
 flat_mask = dimba_core.model.flat_mask
 from .sampling import check_latent
 
 SCHEDULE = {"beta_schedule": "sqrt_linear", "linear_start": 1e-4, "linear_end": 0.02, "timesteps": 1000}
 DTYPES = {name: weights.torch_dtype(name) for name in weights.DTYPES}
+FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+CONFIG_KEY = loader.CONFIG_KEY
 
 
 class FullLoadPatcher(comfy.model_patcher.ModelPatcher):
-    """A ModelPatcher that moves all weights at once: the wrapped layers are plain torch modules."""
+    """A ModelPatcher that moves all weights at once, for T5 (a transformers model of plain torch modules)."""
 
     def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
         return super().partially_load(device_to, self.model_size() + 1, force_patch_weights)
@@ -32,24 +35,50 @@ class FullLoadPatcher(comfy.model_patcher.ModelPatcher):
         return 0  # ComfyUI then unloads the whole model
 
 
+def _cast_weights(layer, like, bias_dtype=None):
+    """dimba_core's cast_weights hook: the layer's weights as ComfyUI's own forward would use them (LoRA and
+    low-VRAM patches applied, cast to like's dtype and device)."""
+    return comfy.ops.cast_bias_weight(layer, like, bias_dtype=bias_dtype)
+
+
+@functools.cache
+def dimba_operations(base):
+    """The comfy.ops namespace ComfyUI picked, whose Linear and Conv1d also serve the Mamba mixer, which reads
+    some weights directly (conv1d, x_proj, dt_proj), through dimba_core's `cast_weights` hook."""
+    linear = type("Linear", (base.Linear,), {"cast_weights": _cast_weights})
+    conv1d = type("Conv1d", (base.Conv1d,), {"cast_weights": _cast_weights})
+    return type(f"Dimba_{base.__name__}", (base,), {"Linear": linear, "Conv1d": conv1d})
+
+
 class DimbaModelConfig(comfy.supported_models_base.BASE):
     """ComfyUI model config: eps prediction, linear betas 1e-4..0.02 over 1000 steps, SDXL latents."""
 
-    unet_config = {"image_model": "dimba", "disable_unet_model_creation": True}
+    unet_config = {"image_model": "dimba"}
     unet_extra_config = {}
     sampling_settings = SCHEDULE
     latent_format = comfy.latent_formats.SDXL
     memory_usage_factor = 0.5
     supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
 
+    def process_unet_state_dict_for_saving(self, state_dict):
+        """ModelSave / CheckpointSave: ComfyUI's keys plus the Dimba config (num_heads cannot be read from
+        shapes) as a uint8 tensor of JSON, since ComfyUI writes its own file metadata."""
+        out = super().process_unet_state_dict_for_saving(state_dict)
+        config = dimba_core.DimbaConfig(**{k: v for k, v in self.unet_config.items()
+                                           if k in dimba_core.DimbaConfig.__dataclass_fields__})
+        out[CONFIG_KEY] = torch.frombuffer(bytearray(config.to_json().encode()), dtype=torch.uint8)
+        return out
+
 
 class DimbaDiffusion(torch.nn.Module):
-    """ComfyUI's view of a dimba_core.Dimba: the same modules under the same state-dict keys (so LoRA files,
-    ModelSave and merges see `diffusion_model.<dimba key>`), called the ComfyUI way:
-    (x, t, context, attention_mask) -> eps. The Dimba itself stays reachable, unchanged, as `net`."""
+    """ComfyUI's view of a dimba_core.Dimba built from ComfyUI's operations: the same modules under the same
+    state-dict keys (so LoRA files, ModelSave and merges see `diffusion_model.<dimba key>`), called the ComfyUI
+    way: (x, t, context, attention_mask) -> eps, computed in x's dtype. The Dimba stays reachable as `net`."""
 
-    def __init__(self, net: dimba_core.Dimba):
+    def __init__(self, image_model=None, dtype=None, device=None, operations=None, **config):
         super().__init__()
+        ops = dimba_operations(operations or comfy.ops.disable_weight_init)
+        net = dimba_core.Dimba(dimba_core.DimbaConfig(**config), operations=ops, dtype=dtype, device=device)
         object.__setattr__(self, "net", net)  # not a submodule: its children are registered here instead
         for name, child in net.named_children():
             self.add_module(name, child)
@@ -62,21 +91,21 @@ class DimbaDiffusion(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.net.dtype
+        """The weight (storage) dtype, as ComfyUI's models report it; ComfyUI's manual cast sets the compute one."""
+        return self.net.x_embedder.proj.weight.dtype
 
     def forward(self, x, timesteps, context=None, attention_mask=None, control=None, transformer_options=None,
                 **kwargs):
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:  # e.g. KSampler with an SD3/Flux latent
             check_latent(x.shape, self.config)
-        return self.net(x, timesteps, context, attention_mask)[:, : self.config.in_channels]
+        return self.net(x, timesteps, context, attention_mask, dtype=x.dtype)[:, : self.config.in_channels]
 
 
 class DimbaModel(comfy.model_base.BaseModel):
     """A Dimba network as a ComfyUI BaseModel; reads the T5 embedding and attention mask from conditioning."""
 
-    def __init__(self, model_config, diffusion_model, device=None):
-        super().__init__(model_config, comfy.model_base.ModelType.EPS, device=device)
-        self.diffusion_model = diffusion_model
+    def __init__(self, model_config, device=None):
+        super().__init__(model_config, comfy.model_base.ModelType.EPS, device=device, unet_model=DimbaDiffusion)
 
     def extra_conds(self, **kwargs):
         out = super().extra_conds(**kwargs)
@@ -90,30 +119,40 @@ class DimbaModel(comfy.model_base.BaseModel):
             out["attention_mask"] = comfy.conds.CONDRegular(flat_mask(mask).long())
         return out
 
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype ComfyUI computes this model in: the manual cast dtype (float8 weights, a training node's
+        choice), else the weights' dtype."""
+        return self.manual_cast_dtype or self.get_dtype()
 
-def pick_dtype(weight_dtype, stored, n_params, load_device):
-    """The weight dtype to run in: the user's choice or ComfyUI's, never one the device cannot compute in."""
+
+def pick_dtype(weight_dtype, stored, n_params):
+    """The weight (storage) dtype: the user's choice, or ComfyUI's for this device and model size."""
+    if weight_dtype in FP8:
+        return FP8[weight_dtype]
     if weight_dtype in DTYPES:
-        dtype = DTYPES[weight_dtype]
-    else:
-        dtype = mm.unet_dtype(model_params=n_params, supported_dtypes=DimbaModelConfig.supported_inference_dtypes,
-                              weight_dtype=stored)
-    return mm.unet_manual_cast(dtype, load_device, DimbaModelConfig.supported_inference_dtypes) or dtype
+        return DTYPES[weight_dtype]
+    return mm.unet_dtype(model_params=n_params, supported_dtypes=DimbaModelConfig.supported_inference_dtypes,
+                         weight_dtype=stored)
 
 
 def load_model(path, weight_dtype="default"):
-    """A Dimba checkpoint as a ComfyUI MODEL (ModelPatcher around a DimbaModel)."""
+    """A Dimba checkpoint as a ComfyUI MODEL, built the way ComfyUI builds its own: layers from the comfy.ops
+    that pick_operations chooses, weights stored in `weight_dtype` and cast at use where compute differs."""
     try:
-        net = dimba_core.load_dimba(path)
+        config, sd = loader.read_checkpoint(path)
     except dimba_core.DimbaLoadError as err:
         raise ValueError(f"not a usable Dimba checkpoint: {err}") from None
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
-    dtype = pick_dtype(weight_dtype, net.dtype, sum(p.numel() for p in net.parameters()), load_device)
-    net.to(device=offload_device, dtype=dtype)
-    config = DimbaModelConfig({**DimbaModelConfig.unet_config, **net.config.to_dict()})
-    config.set_inference_dtype(dtype, None)
-    model = DimbaModel(config, DimbaDiffusion(net), device=offload_device)
-    return FullLoadPatcher(model, load_device=load_device, offload_device=offload_device)
+    dtype = pick_dtype(weight_dtype, sd["x_embedder.proj.weight"].dtype, sum(v.numel() for v in sd.values()))
+    model_config = DimbaModelConfig({**DimbaModelConfig.unet_config, **config.to_dict()})
+    model_config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device,
+                                                                model_config.supported_inference_dtypes))
+    if weight_dtype == "fp8_e4m3fn_fast":
+        model_config.optimizations["fp8"] = True
+    with torch.inference_mode(False):  # weights a training node (TrainLoraNode) can save for backward
+        model = DimbaModel(model_config, device=offload_device)
+        model.load_model_weights(sd, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
 def dimba_network(model) -> dimba_core.Dimba:
@@ -228,8 +267,9 @@ def sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_na
         preview(step, denoised, x, total)
 
     to = functools.partial(torch.Tensor.to, device=device)
+    denoiser = functools.partial(net, dtype=model.model.compute_dtype())
     out = dimba_core.sample(
-        net, to(noise), to(cond), to(uncond),
+        denoiser, to(noise), to(cond), to(uncond),
         mask=to(mask), uncond_mask=None if u_mask is None else to(u_mask), steps=steps, cfg_scale=cfg,
         sampler=sampler_name, seed=seed, callback=callback,
         init_latent=to(latent.float() * scale) if denoise < 1.0 else None, denoise=denoise)

@@ -4,6 +4,8 @@ import os
 from ._dimba import weights
 
 DTYPE_CHOICES = ["default", *weights.DTYPES]
+# the weight dtypes of ComfyUI's Load Diffusion Model, and fp16/bf16/fp32 (see host.pick_dtype)
+WEIGHT_DTYPE_CHOICES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2", *weights.DTYPES]
 
 
 def _folder_paths():
@@ -76,8 +78,10 @@ class DimbaCheckpointLoader:
         return {"required": {
             "ckpt_name": _combo(checkpoint_names(), "Dimba checkpoint (.safetensors, or a tensors-only .pt/.pth) "
                                 "from models/checkpoints or models/diffusion_models."),
-            "weight_dtype": (DTYPE_CHOICES, {"default": "default", "tooltip": "Weight dtype; default lets "
-                             "ComfyUI pick for your device (fp32 on CPU)."}),
+            "weight_dtype": (WEIGHT_DTYPE_CHOICES, {"default": "default", "tooltip": "How the weights are "
+                             "stored: default lets ComfyUI pick for your device (fp32 on CPU); fp8_* halve the "
+                             "memory of fp16 and compute in your device's dtype (_fast uses fp8 matrix "
+                             "multiplication where the GPU has it); the Mamba state stays float32."}),
         }}
 
     RETURN_TYPES = ("MODEL",)

@@ -79,8 +79,8 @@ def test_sampler_inputs():
 
 
 def test_choices():
-    assert nodes.DimbaCheckpointLoader.INPUT_TYPES()["required"]["weight_dtype"][0] == ["default", "fp16", "bf16",
-                                                                                         "fp32"]
+    assert nodes.DimbaCheckpointLoader.INPUT_TYPES()["required"]["weight_dtype"][0] == [
+        "default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2", "fp16", "bf16", "fp32"]  # Load Diffusion Model's
     t5 = nodes.DimbaT5Loader.INPUT_TYPES()["required"]
     assert t5["device"][0] == ["default", "cpu"] and t5["dtype"][0] == ["default", "fp16", "bf16", "fp32"]
     res = nodes.DimbaResolutionSelect.INPUT_TYPES()["required"]
