@@ -17,6 +17,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+from PIL import Image, ImageChops, ImageDraw
 
 import nodes
 from dimba_core import tiny_assets
@@ -26,6 +28,7 @@ COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
+TRAIN_API = "dimba_train_lora_api.json"  # trains, so the host tier runs it at test size (test_train_lora_workflow)
 pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout for the host tier")
 
 def free_port() -> int:
@@ -47,6 +50,14 @@ def base(tmp_path_factory):
     if os.environ.get("DIMBA_TEST_VAE"):  # another SDXL-architecture VAE under the name the workflows use
         vae.unlink()
         vae.symlink_to(Path(os.environ["DIMBA_TEST_VAE"]).resolve())
+    # dimba_train_lora's image folder (ComfyUI/input/<folder>): three small images of different colours
+    folder = next(n for n in json.loads((WORKFLOWS / "api" / TRAIN_API).read_text()).values()
+                  if n["class_type"] == "LoadImageSetFromFolderNode")["inputs"]["folder"]
+    (root / "input" / folder).mkdir(parents=True)
+    for i, colour in enumerate([(200, 40, 40), (40, 160, 60), (30, 60, 200)]):
+        image = Image.new("RGB", (64, 64), colour)
+        ImageDraw.Draw(image).ellipse((8 + 8 * i, 12, 52, 56), fill=(240, 220, 60))
+        image.save(root / "input" / folder / f"train_{i}.png")
     return root
 
 
@@ -104,11 +115,13 @@ def run_graph(url, graph, timeout=600):
 
 
 def saved_sizes(base, entry):
-    """(width, height) of every PNG the graph saved, read from the PNG headers."""
+    """(width, height) of every PNG the graph saved to output/ (not previews in temp/), from the PNG headers."""
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[-3000:]
     sizes = []
     for output in entry["outputs"].values():
         for image in output.get("images", []):
+            if image.get("type", "output") != "output":
+                continue
             path = base / "output" / image["subfolder"] / image["filename"]
             sizes.append(struct.unpack(">II", path.read_bytes()[16:24]))
     return sizes
@@ -146,13 +159,80 @@ def test_core_node_table(server):
         assert tuple(info["output"]) == outputs
 
 
-@pytest.mark.parametrize("name", sorted(PAIRS.values()))
+@pytest.mark.parametrize("name", sorted(set(PAIRS.values()) - {TRAIN_API}))
 def test_api_workflow(server, base, name):
     graph = json.loads((WORKFLOWS / "api" / name).read_text())
     t0 = time.time()
     sizes = saved_sizes(base, run_graph(server, graph))
     print(f"{name}: {time.time() - t0:.1f} s")
     assert sizes == [expected_size(graph)]
+
+
+def saved_image(base, entry, node_id):
+    """The image a SaveImage node of a finished graph wrote to output/."""
+    image = entry["outputs"][node_id]["images"][0]
+    return Image.open(base / "output" / image["subfolder"] / image["filename"]).convert("RGB")
+
+
+def with_base_model_preview(graph, sampler, model, prefix):
+    """Adds a copy of `sampler` that samples `model` instead, decoded and saved as `prefix`; returns its save node."""
+    decode = next(k for k, v in graph.items() if v["class_type"] == "VAEDecode" and v["inputs"]["samples"][0] == sampler)
+    graph["90"] = copy.deepcopy(graph[sampler])
+    graph["90"]["inputs"]["model"] = model
+    graph["91"] = {"class_type": "VAEDecode", "inputs": {"samples": ["90", 0], "vae": graph[decode]["inputs"]["vae"]}}
+    graph["92"] = {"class_type": "SaveImage", "inputs": {"images": ["91", 0], "filename_prefix": prefix}}
+    return "92"
+
+
+def test_train_lora_workflow(server, base):
+    """workflows/dimba_train_lora at test size (2 steps, 64 px): ComfyUI's TrainLoraNode trains a LoRA on the Dimba
+    MODEL, SaveLoRANode writes it, LossGraphNode plots the loss, and the trained model's preview differs from the
+    base model's; then the saved file loads through LoraLoaderModelOnly as the workflow's note says, every key
+    matched, and changes the image too."""
+    graph = json.loads((WORKFLOWS / "api" / TRAIN_API).read_text())
+    node = {v["class_type"]: v["inputs"] for v in graph.values()}  # the types changed here occur once
+    node["TrainLoraNode"].update(steps=2, learning_rate=0.02)  # a large rate, so that 2 steps show in the images
+    node["ImageScale"].update(width=64, height=64)
+    node["EmptyLatentImage"].update(width=64, height=64)
+    node["DimbaSampler"]["steps"] = 2
+    sampler = next(k for k, v in graph.items() if v["class_type"] == "DimbaSampler")
+    checkpoint = next(k for k, v in graph.items() if v["class_type"] == "DimbaCheckpointLoader")
+    save, loss_plot = (next(k for k, v in graph.items() if v["class_type"] == t) for t in ("SaveImage", "LossGraphNode"))
+    no_lora = with_base_model_preview(graph, sampler, [checkpoint, 0], "dimba_lora_test_base")
+    t0 = time.time()
+    entry = run_graph(server, graph)
+    print(f"{TRAIN_API} at 2 steps, 64 px: {time.time() - t0:.1f} s")
+    assert saved_sizes(base, entry) == [(64, 64)] * 2
+    assert ImageChops.difference(saved_image(base, entry, save), saved_image(base, entry, no_lora)).getbbox(), \
+        "the preview of the trained model_with_lora is the base model's image"
+    assert entry["outputs"][loss_plot]["images"][0]["type"] == "temp"
+    prefix = Path(node["SaveLoRANode"]["prefix"])
+    saved = sorted((base / "output" / prefix.parent).glob(f"{prefix.name}_2_steps_*.safetensors"))
+    assert saved, f"no LoRA file {prefix}_2_steps_*.safetensors in output/"
+    lora = safetensors.torch.load_file(saved[-1])
+    down = [v for k, v in lora.items() if k.endswith(".lora_down.weight")]
+    assert down and len(down) == sum(k.endswith(".lora_up.weight") for k in lora)
+    assert all(v.abs().sum() > 0 for v in down), "a lora_down stayed at its zero start: the optimizer did not train it"
+
+    # as the note says: the file in models/loras, Load Dimba Checkpoint -> LoraLoaderModelOnly -> Dimba Sampler
+    (base / "models" / "loras").mkdir(exist_ok=True)
+    lora_name = "dimba_train_lora_test.safetensors"
+    (base / "models" / "loras" / lora_name).write_bytes(saved[-1].read_bytes())
+    use = json.loads((WORKFLOWS / "api" / "dimba_txt2img_api.json").read_text())
+    use = {k: v for k, v in use.items() if v["class_type"] != "DimbaResolutionSelect"}
+    use["6"]["inputs"].update(width=64, height=64)
+    use["7"]["inputs"].update(steps=2, model=["11", 0])
+    use["10"]["inputs"]["filename_prefix"] = "dimba_lora_loaded"
+    use["11"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": lora_name,
+                                                                   "strength_model": 1.0}}
+    no_lora = with_base_model_preview(use, "7", ["1", 0], "dimba_lora_loaded_base")
+    log_start = len((base / "comfyui.log").read_text())
+    entry = run_graph(server, use)
+    assert saved_sizes(base, entry) == [(64, 64)] * 2
+    log = (base / "comfyui.log").read_text()[log_start:]
+    assert "lora key not loaded" not in log, log[-3000:]
+    assert ImageChops.difference(saved_image(base, entry, "10"), saved_image(base, entry, no_lora)).getbbox(), \
+        "LoraLoaderModelOnly with the trained file leaves the image as it was"
 
 
 def test_done_when_graph(server, base):

@@ -14,7 +14,8 @@ from dimba_core import tiny_assets
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
-PAIRS = {"dimba_txt2img.json": "dimba_txt2img_api.json", "dimba_ksampler.json": "dimba_ksampler_api.json"}
+PAIRS = {"dimba_txt2img.json": "dimba_txt2img_api.json", "dimba_ksampler.json": "dimba_ksampler_api.json",
+         "dimba_train_lora.json": "dimba_train_lora_api.json"}
 
 # The core ComfyUI nodes the workflows use: inputs (name -> type, widgets in UI order) and outputs.
 # Checked against a real ComfyUI's /object_info by tests/test_comfy_host.py.
@@ -26,7 +27,21 @@ CORE_NODES = {
     "KSampler": ({"model": "MODEL", "seed": "INT", "steps": "INT", "cfg": "FLOAT", "sampler_name": "COMBO",
                   "scheduler": "COMBO", "positive": "CONDITIONING", "negative": "CONDITIONING",
                   "latent_image": "LATENT", "denoise": "FLOAT"}, ("LATENT",)),
+    # dimba_train_lora: ComfyUI's own training nodes (comfy_extras/nodes_train.py) on the Dimba MODEL
+    "LoadImageSetFromFolderNode": ({"folder": "COMBO", "resize_method": "COMBO"}, ("IMAGE",)),
+    "ImageScale": ({"image": "IMAGE", "upscale_method": "COMBO", "width": "INT", "height": "INT", "crop": "COMBO"},
+                   ("IMAGE",)),
+    "VAEEncode": ({"pixels": "IMAGE", "vae": "VAE"}, ("LATENT",)),
+    "TrainLoraNode": ({"model": "MODEL", "latents": "LATENT", "positive": "CONDITIONING", "batch_size": "INT",
+                       "grad_accumulation_steps": "INT", "steps": "INT", "learning_rate": "FLOAT", "rank": "INT",
+                       "optimizer": "COMBO", "loss_function": "COMBO", "seed": "INT", "training_dtype": "COMBO",
+                       "lora_dtype": "COMBO", "algorithm": "COMBO", "gradient_checkpointing": "BOOLEAN",
+                       "existing_lora": "COMBO"}, ("MODEL", "LORA_MODEL", "LOSS_MAP", "INT")),
+    "SaveLoRANode": ({"lora": "LORA_MODEL", "prefix": "STRING", "steps": "INT"}, ()),
+    "LossGraphNode": ({"loss": "LOSS_MAP", "filename_prefix": "STRING"}, ()),
 }
+NOTES = ("Note", "MarkdownNote")  # frontend-only nodes: not part of the API graph
+SAVERS = ("SaveImage", "SaveLoRANode")  # every graph saves something
 WIDGETS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 
 
@@ -46,7 +61,7 @@ def node_types(class_type):
 
 
 def check_api_graph(graph):
-    assert any(n["class_type"] == "SaveImage" for n in graph.values())
+    assert any(n["class_type"] in SAVERS for n in graph.values()), "the graph saves nothing"
     for node_id, node in graph.items():
         inputs, required, _, _ = node_types(node["class_type"])
         given = node["inputs"]
@@ -78,6 +93,7 @@ def test_expected_files():
     samplers = {n: {v["class_type"] for v in json.loads((WORKFLOWS / "api" / n).read_text()).values()}
                 for n in PAIRS.values()}
     assert "DimbaSampler" in samplers["dimba_txt2img_api.json"] and "KSampler" in samplers["dimba_ksampler_api.json"]
+    assert {"TrainLoraNode", "SaveLoRANode", "DimbaSampler"} <= samplers["dimba_train_lora_api.json"]
     for found in samplers.values():
         assert {"VAELoader", "VAEDecode", "SaveImage", "DimbaCheckpointLoader", "DimbaT5Loader"} <= found
 
@@ -121,6 +137,8 @@ def ui_to_api(ui):
     links = {link[0]: link for link in ui["links"]}
     graph = {}
     for node in ui["nodes"]:
+        if node["type"] in NOTES:
+            continue
         inputs, _, _, control = node_types(node["type"])
         values = list(node.get("widgets_values", []))
         api_inputs = {}
