@@ -35,6 +35,20 @@ class FullLoadPatcher(comfy.model_patcher.ModelPatcher):
         return 0  # ComfyUI then unloads the whole model
 
 
+class DimbaPatcher(comfy.model_patcher.ModelPatcher):
+    """ComfyUI's ModelPatcher, which also patches (LoRA, model merges) the parameters its loader leaves alone:
+    those that are not in a comfy.ops layer (scale_shift_table, the Mamba A_log / D, RMSNorm weights). They are
+    small, so they are patched whole on every load, full or partial; unpatching restores them as usual."""
+
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        super().load(device_to, lowvram_model_memory=lowvram_model_memory, force_patch_weights=force_patch_weights,
+                     full_load=full_load)
+        for key in list(self.patches):
+            owner = comfy.utils.get_attr(self.model, key.rsplit(".", 1)[0])
+            if key not in self.backup and not hasattr(owner, "comfy_cast_weights"):
+                self.patch_weight_to_device(key, device_to=device_to)
+
+
 def _cast_weights(layer, like, bias_dtype=None):
     """dimba_core's cast_weights hook: the layer's weights as ComfyUI's own forward would use them (LoRA and
     low-VRAM patches applied, cast to like's dtype and device)."""
@@ -152,7 +166,7 @@ def load_model(path, weight_dtype="default"):
     with torch.inference_mode(False):  # weights a training node (TrainLoraNode) can save for backward
         model = DimbaModel(model_config, device=offload_device)
         model.load_model_weights(sd, "")
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    return DimbaPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
 def dimba_network(model) -> dimba_core.Dimba:

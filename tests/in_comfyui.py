@@ -34,7 +34,7 @@ def setup(comfy_path, repo, models):
     ckpt, t5_dir = f"{models}/checkpoints/dimba_tiny.safetensors", f"{models}/text_encoders/t5_tiny"
     model, t5 = host.load_model(ckpt), host.load_t5(t5_dir, "cpu")
     encode = pack.NODE_CLASS_MAPPINGS["DimbaT5TextEncode"]().encode
-    S.update(pack=pack, host=host, core=importlib.import_module("ComfyUI_Dimba.dimba_core"), ckpt=ckpt,
+    S.update(tmp=tempfile.mkdtemp(prefix="dimba_in_comfyui_"), models=models, pack=pack, host=host, core=importlib.import_module("ComfyUI_Dimba.dimba_core"), ckpt=ckpt,
              t5_dir=t5_dir, model=model, pos=encode(t5, "a cat on a mat")[0], neg=encode(t5, "")[0],
              latent={"samples": torch.randn(2, 4, 24, 40, generator=torch.Generator().manual_seed(1))},
              sampler=pack.NODE_CLASS_MAPPINGS["DimbaSampler"]())
@@ -124,12 +124,161 @@ def test_errors_name_the_problem():
         assert "16 channels" in message and "EmptyLatentImage" in message and "VAEEncode" in message, message
 
 
-def test_low_vram_budgets_still_load_every_weight():
-    """The layers are plain torch modules, so ComfyUI moves the model whole (issue #11 changes this)."""
-    fresh = S["host"].load_model(S["ckpt"])
-    fresh.partially_load(torch.device("cpu"), 1)
-    assert not fresh.model.model_lowvram and fresh.loaded_size() == fresh.model_size()
-    assert fresh.partially_unload(torch.device("cpu"), 1) == 0
+def denoise(patcher, lowvram_budget=0, seed=4):
+    """BaseModel.apply_model on fixed inputs, with the weights loaded as ComfyUI loads them (0: full load, else a
+    budget in bytes: ComfyUI loads what fits and casts the rest at use, with its LoRA patches)."""
+    g = torch.Generator().manual_seed(seed)
+    x, sigma = torch.randn(2, 4, 16, 24, generator=g), torch.tensor([14.6, 0.9])
+    emb, mask = S["pos"][0][0].expand(2, -1, -1), S["pos"][0][1]["attention_mask"].expand(2, -1)
+    patcher.patch_model(torch.device("cpu"), lowvram_model_memory=lowvram_budget, load_weights=True)
+    S["lowvram_patches"] = patcher.model.lowvram_patch_counter  # LoRA patches applied at use, not merged
+    try:
+        with torch.no_grad():
+            return patcher.model.apply_model(x, sigma, c_crossattn=emb, attention_mask=mask).float()
+    finally:
+        patcher.unpatch_model(torch.device("cpu"), unpatch_weights=True)
+
+
+def partial_budget(patcher):
+    """A budget of a third of the model: ComfyUI streams the rest."""
+    return patcher.model_size() // 3
+
+
+def rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def saved_checkpoint(sd, name):
+    """A Dimba .safetensors with the tiny config, for a hand-edited state dict."""
+    core = S["core"]
+    config, _ = core.loader.read_checkpoint(S["ckpt"])
+    model = core.Dimba(config).eval()
+    model.load_state_dict(sd)
+    path = os.path.join(S["tmp"], name)
+    core.loader.save_safetensors(model, path)
+    return path
+
+
+def test_weights_built_outside_inference_mode():
+    """Nodes run under torch.inference_mode(); a MODEL holding inference tensors could never be trained."""
+    with torch.inference_mode():
+        model = S["host"].load_model(S["ckpt"])
+    held = [n for n, t in model.model.state_dict(keep_vars=True).items() if t.is_inference()]
+    assert not held, held[:5]
+
+
+def test_partial_load_equals_full_load():
+    """With a budget smaller than the model, ComfyUI loads part of it (lowvram) and the output is unchanged."""
+    model = S["host"].load_model(S["ckpt"])
+    full = denoise(model)
+    budget = partial_budget(model)
+    model.patch_model(torch.device("cpu"), lowvram_model_memory=budget, load_weights=True)
+    lowvram, loaded = model.model.model_lowvram, model.loaded_size()
+    model.unpatch_model(torch.device("cpu"), unpatch_weights=True)
+    assert lowvram and 0 < loaded < model.model_size(), (loaded, model.model_size())
+    assert torch.equal(denoise(model, budget), full)
+    print(f"partial load: {loaded} of {model.model_size()} bytes loaded, output identical")
+
+
+def test_weight_dtypes():
+    """DimbaCheckpointLoader's weight dtypes: storage in fp8/fp16/bf16, compute in the device's dtype (float32 on
+    the CPU), the Mamba SSM parameters float32; outputs close to the float32 model."""
+    import comfy.ops
+
+    loader = S["pack"].NODE_CLASS_MAPPINGS["DimbaCheckpointLoader"]()
+    assert loader.INPUT_TYPES()["required"]["weight_dtype"][0] == [
+        "default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2", "fp16", "bf16", "fp32"]
+    ref = denoise(S["host"].load_model(S["ckpt"]))
+    limits = {"fp8_e4m3fn": 0.08, "fp8_e4m3fn_fast": 0.08, "fp8_e5m2": 0.15, "fp16": 2e-3, "bf16": 1e-2}
+    stored = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn,
+              "fp8_e5m2": torch.float8_e5m2, "fp16": torch.float16, "bf16": torch.bfloat16}
+    for name, limit in limits.items():
+        model = S["host"].load_model(S["ckpt"], name)
+        net = model.model.diffusion_model
+        mixer = net.mamba_blocks[0].mixer
+        assert net.dtype == mixer.in_proj.weight.dtype == mixer.x_proj.weight.dtype == stored[name], name
+        assert mixer.A_log.dtype == mixer.D.dtype == mixer.dt_proj.bias.dtype == torch.float32, name
+        assert model.model.manual_cast_dtype == torch.float32, name  # the CPU computes in float32
+        assert isinstance(mixer.in_proj, comfy.ops.manual_cast.Linear), type(mixer.in_proj).__mro__
+        err = rel(denoise(model), ref)
+        print(f"weight dtype {name}: relative error {err:.2e} vs fp32 (limit {limit})")
+        assert err < limit, (name, err)
+        if name == "fp8_e4m3fn":  # DimbaSampler too
+            out = S["sampler"].sample(model, S["pos"], S["neg"], S["latent"], 7, 3, 4.5, "dpmpp_2m")[0]["samples"]
+            assert torch.isfinite(out).all()
+    model = S["host"].load_model(S["ckpt"], "fp8_e4m3fn")
+    assert torch.equal(denoise(model, partial_budget(model)), denoise(model))  # partial loading in fp8 too
+
+
+def lora_targets():
+    """(key, shape) of the weights the LoRA test patches: attention and every Mamba projection."""
+    sd = S["host"].load_model(S["ckpt"]).model.diffusion_model.state_dict()
+    keys = ["blocks.0.attn.qkv", "blocks.1.cross_attn.kv_linear", "blocks.0.mlp.fc1"] + [
+        f"mamba_blocks.{i}.mixer.{n}" for i in (0, 1)
+        for n in ("in_proj", "out_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b")]
+    return [(k, sd[k + ".weight"].shape) for k in keys]
+
+
+def lora_file(formats_seed=0):
+    """A LoRA file mixing ComfyUI's key styles and adapters, and the deltas (alpha and rank applied) it means."""
+    g = torch.Generator().manual_seed(formats_seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    sd, deltas = {}, {}
+    for i, (key, (out, inp)) in enumerate(lora_targets()):
+        style = i % 4
+        if style == 0:  # kohya names under diffusion_model.
+            up, down, alpha = r(out, 4), r(4, inp), 2.0
+            sd.update({f"diffusion_model.{key}.lora_up.weight": up, f"diffusion_model.{key}.lora_down.weight": down,
+                       f"diffusion_model.{key}.alpha": torch.tensor(alpha)})
+            deltas[key] = alpha / 4 * up @ down
+        elif style == 1:  # PEFT names under lora_unet_, no alpha (alpha = rank)
+            flat = "lora_unet_" + key.replace(".", "_")
+            up, down = r(out, 2), r(2, inp)
+            sd.update({f"{flat}.lora_B.weight": up, f"{flat}.lora_A.weight": down})
+            deltas[key] = up @ down
+        elif style == 2:  # LoHa
+            a1, b1, a2, b2 = r(out, 2), r(2, inp), r(out, 2), r(2, inp)
+            sd.update({f"diffusion_model.{key}.hada_w1_a": a1, f"diffusion_model.{key}.hada_w1_b": b1,
+                       f"diffusion_model.{key}.hada_w2_a": a2, f"diffusion_model.{key}.hada_w2_b": b2,
+                       f"diffusion_model.{key}.alpha": torch.tensor(1.0)})
+            deltas[key] = 0.5 * (a1 @ b1) * (a2 @ b2)
+        else:  # LoKr: w1 whole, w2 factored (alpha / its rank applies)
+            w1, a2, b2 = r(2, 2), r(out // 2, 2), r(2, inp // 2)
+            sd.update({f"diffusion_model.{key}.lokr_w1": w1, f"diffusion_model.{key}.lokr_w2_a": a2,
+                       f"diffusion_model.{key}.lokr_w2_b": b2, f"diffusion_model.{key}.alpha": torch.tensor(3.0)})
+            deltas[key] = 1.5 * torch.kron(w1, a2 @ b2)
+    return sd, deltas
+
+
+def test_lora_loader_full_and_partial_load():
+    """LoraLoaderModelOnly with LoRA, PEFT, LoHa and LoKr keys on attention and Mamba projections equals the same
+    deltas merged into the checkpoint by hand, in full and in partial loads."""
+    import folder_paths
+    import nodes as comfy_nodes
+    import safetensors.torch
+
+    sd, deltas = lora_file()
+    loras = os.path.join(S["tmp"], "loras")
+    os.makedirs(loras, exist_ok=True)
+    safetensors.torch.save_file(sd, os.path.join(loras, "mixed.safetensors"))
+    folder_paths.add_model_folder_path("loras", loras)
+    strength = 0.7
+    base = S["core"].loader.read_checkpoint(S["ckpt"])[1]
+    merged = {k: v + strength * deltas[k.removesuffix(".weight")] if k.removesuffix(".weight") in deltas else v
+              for k, v in base.items()}
+    want = denoise(S["host"].load_model(saved_checkpoint(merged, "merged.safetensors")))
+    model = S["host"].load_model(S["ckpt"])
+    patched = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, "mixed.safetensors", strength)[0]
+    assert len(patched.patches) == len(deltas)
+    full, partial = denoise(patched), denoise(patched, partial_budget(patched))
+    assert S["lowvram_patches"] > 0
+    print(f"LoRA formats: full load {rel(full, want):.1e}, partial load {rel(partial, want):.1e} from the hand merge")
+    assert rel(full, want) < 1e-5 and rel(partial, want) < 1e-5
+    assert rel(full, denoise(model)) > 1e-3  # the LoRA does change the output
+    headless = S["core"].apply_lora(S["core"].load_dimba(S["ckpt"]), sd, strength)
+    for key in deltas:
+        w = headless.get_parameter(key + ".weight")
+        assert torch.allclose(w, merged[key + ".weight"], atol=1e-6), key
 
 
 def test_console_progress_bar_and_cancel():
@@ -160,6 +309,113 @@ def test_torch_compile_model():
           f"{breaks} graph breaks")
     assert compiled.model_options.get("torch_compile_kwargs", {}).get("backend") == "inductor"
     assert torch.isfinite(out).all() and torch.allclose(out, eager, atol=1e-3, rtol=1e-3), float((out - eager).abs().max())
+
+
+def test_train_lora_node_save_and_load_back():
+    """ComfyUI's TrainLoraNode trains a LoRA on the Dimba MODEL (attention and Mamba layers), SaveLoRA writes it,
+    LoraLoaderModelOnly loads it back: the prediction moves towards the training latents, and the same file
+    applied headless gives the same sample."""
+    import folder_paths
+    import nodes as comfy_nodes
+    from comfy_extras.nodes_train import SaveLoRA, TrainLoraNode
+
+    g = torch.Generator().manual_seed(5)
+    ramp = torch.linspace(-1, 1, 16)
+    latents = (ramp[None, None, :, None] * ramp[None, None, None, :] * 3).repeat(4, 4, 1, 1)  # one "style"
+    latents = latents + 0.1 * torch.randn(latents.shape, generator=g)
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        model = S["host"].load_model(S["ckpt"])
+        trained, lora, loss, steps = TrainLoraNode().train(
+            model, {"samples": latents}, S["pos"], 4, 30, 1, 3e-3, 4, "AdamW", "MSE", 0, "bf16", "fp32", "LoRA",
+            True, "[None]")
+    assert steps == 30 and len(loss["loss"]) == 30
+    mamba = [k for k in lora if ".mixer." in k and k.endswith("lora_up.weight")]
+    assert {k.split(".mixer.")[1].split(".")[0] for k in mamba} >= {"in_proj", "out_proj", "x_proj", "x_proj_b",
+                                                                   "dt_proj", "dt_proj_b"}, mamba
+    assert all(v.abs().sum() > 0 for k, v in lora.items() if k.endswith("lora_up.weight"))  # every up moved
+
+    def x0_error(patcher):
+        """The training objective on fixed noise and sigmas: MSE of the denoised prediction to the latents."""
+        import comfy.sample
+
+        total = 0.0
+        for i, sigma in enumerate((0.5, 2.0, 6.0)):
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(i))
+            ms = patcher.model.model_sampling
+            xt = ms.noise_scaling(torch.tensor(sigma), noise, latents)
+            emb, mask = S["pos"][0][0].expand(4, -1, -1), S["pos"][0][1]["attention_mask"].expand(4, -1)
+            patcher.patch_model(torch.device("cpu"), load_weights=True)
+            try:
+                with torch.no_grad():
+                    out = patcher.model.apply_model(xt, torch.full((4,), sigma), c_crossattn=emb,
+                                                    attention_mask=mask)
+            finally:
+                patcher.unpatch_model(torch.device("cpu"), unpatch_weights=True)
+            total += float(((ms.calculate_denoised(torch.full((4,), sigma), out, xt) - latents) ** 2).mean())
+        return total / 3
+
+    loras = os.path.join(S["tmp"], "loras")
+    os.makedirs(loras, exist_ok=True)
+    folder_paths.add_model_folder_path("loras", loras)
+    saver = SaveLoRA()
+    saver.output_dir = loras
+    saver.save(lora, "dimba_lora", steps)
+    name = next(f for f in os.listdir(loras) if f.startswith("dimba_lora_30_steps"))
+    fresh = S["host"].load_model(S["ckpt"])
+    loaded = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(fresh, name, 1.0)[0]
+    before, after = x0_error(fresh), x0_error(loaded)
+    print(f"TrainLoraNode: loss {sum(loss['loss'][:5]) / 5:.3f} (first 5) -> {sum(loss['loss'][-5:]) / 5:.3f} "
+          f"(last 5); x0 error on the training latents {before:.4f} -> {after:.4f} with the saved LoRA")
+    assert after < 0.9 * before
+    # the saved file is the trained model, which TrainLoraNode left computing in bf16 (its training dtype)
+    assert rel(denoise(loaded), denoise(trained)) < 2e-2
+
+    core, seed = S["core"], 11
+    got = S["sampler"].sample(loaded, S["pos"], S["neg"], S["latent"], seed, 4, 4.5, "dpmpp_2m")[0]["samples"]
+    enc = core.text.T5TextEncoder.from_pretrained(S["t5_dir"])
+    (pe, pm), (ne, _) = enc.encode(["a cat on a mat"]), enc.encode([""])
+    net = core.apply_lora(core.load_dimba(S["ckpt"]), os.path.join(loras, name))
+    want = core.sample(net, core.noise_like((2, 4, 24, 40), seed), pe.expand(2, -1, -1), ne.expand(2, -1, -1),
+                       mask=pm.expand(2, -1), steps=4, cfg_scale=4.5, sampler="dpmpp_2m", seed=seed) / 0.13025
+    print(f"ComfyUI vs headless --lora sample: max abs difference {float((got - want).abs().max()):.2e}")
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_model_save_and_checkpoint_save_load_back():
+    """ModelSave and CheckpointSave files (ComfyUI keys, the VAE and text encoder beside the denoiser) load with
+    DimbaCheckpointLoader and give the same output; the config (num_heads) travels inside."""
+    import comfy.sd
+    from comfy_extras.nodes_model_merging import ModelSave
+
+    model = S["host"].load_model(S["ckpt"])
+    saver = ModelSave()
+    saver.output_dir = S["tmp"]
+    saver.save(model, "diffusion_models/dimba_saved")
+    saved = os.path.join(S["tmp"], "diffusion_models", "dimba_saved_00001_.safetensors")
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(f"{S['models']}/vae/dimba_tiny_vae.safetensors"))
+    bundled = os.path.join(S["tmp"], "bundled.safetensors")
+    comfy.sd.save_checkpoint(bundled, model, vae=vae, extra_keys={
+        "cond_stage_model.transformer.encoder.final_layer_norm.weight": torch.ones(4)})  # as if a CLIP were saved
+    want = denoise(model)
+    for path in (saved, bundled):
+        back = S["host"].load_model(path)
+        assert back.model.diffusion_model.config == model.model.diffusion_model.config  # num_heads 4, not 16
+        assert torch.equal(denoise(back), want), path
+
+
+def test_model_merge_simple():
+    """ModelMergeSimple of two Dimba MODELs equals the hand-merged weights."""
+    from comfy_extras.nodes_model_merging import ModelMergeSimple
+
+    base = S["core"].loader.read_checkpoint(S["ckpt"])[1]
+    g = torch.Generator().manual_seed(9)
+    other = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    ratio = 0.3  # ComfyUI: ratio * model1 + (1 - ratio) * model2
+    merged = {k: ratio * base[k] + (1 - ratio) * other[k] for k in base}
+    want = denoise(S["host"].load_model(saved_checkpoint(merged, "hand_merged.safetensors")))
+    a, b = S["host"].load_model(S["ckpt"]), S["host"].load_model(saved_checkpoint(other, "other.safetensors"))
+    got = ModelMergeSimple().merge(a, b, ratio)[0]
+    assert rel(denoise(got), want) < 1e-5 and rel(denoise(got, partial_budget(got)), want) < 1e-5
 
 
 SLOW = ("test_torch_compile_model",)

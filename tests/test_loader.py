@@ -133,3 +133,52 @@ def test_convert_cli(tmp_path):
                     str(tmp_path / "m.safetensors"), "--num-heads", "4"], check=True,
                    cwd=Path(__file__).resolve().parents[1])
     assert torch.equal(run(load_dimba(tmp_path / "m.safetensors")), run(model))
+
+
+def test_ssm_parameters_stay_float32_in_every_weight_dtype(tmp_path):
+    """A, D and the delta bias sit in exp/softplus: they are kept float32 when the weights are half or float8."""
+    model = tiny_model()
+    half = load_dimba(model.state_dict(), num_heads=4, dtype=torch.float16)
+    mixer = half.mamba_blocks[0].mixer
+    assert mixer.in_proj.weight.dtype == half.blocks[0].scale_shift_table.dtype == torch.float16
+    assert {mixer.A_log.dtype, mixer.D_b.dtype, mixer.dt_proj.bias.dtype, mixer.dt_proj_b.bias.dtype} == {torch.float32}
+    assert torch.equal(mixer.A_log, model.mamba_blocks[0].mixer.A_log)  # not rounded to float16 on the way
+    save_safetensors(model, tmp_path / "h.safetensors", dtype=torch.float16)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "h.safetensors"), "pt") as f:
+        assert f.get_slice("mamba_blocks.0.mixer.A_log").get_dtype() == "F32"
+        assert f.get_slice("mamba_blocks.0.mixer.in_proj.weight").get_dtype() == "F16"
+
+
+def test_float8_file_loads_in_float32(tmp_path):
+    """A float8 file (e.g. saved from ComfyUI with fp8 weights) loads headless as float32 weights of those values."""
+    from safetensors.torch import save_file
+
+    model = tiny_model()
+    fp8 = {k: v.to(torch.float8_e4m3fn) for k, v in model.state_dict().items()}
+    save_file(fp8, str(tmp_path / "f8.safetensors"))
+    loaded = load_dimba(tmp_path / "f8.safetensors", num_heads=4)
+    assert loaded.dtype == loaded.blocks[0].attn.qkv.weight.dtype == torch.float32
+    assert torch.equal(loaded.blocks[0].attn.qkv.weight, fp8["blocks.0.attn.qkv.weight"].float())
+    assert torch.isfinite(run(loaded)).all()
+
+
+def test_comfyui_checkpoint_layout(tmp_path):
+    """A ComfyUI ModelSave / CheckpointSave file: model.diffusion_model. keys, VAE and text encoder keys beside
+    them, the config as a uint8 tensor of JSON (ComfyUI writes its own metadata)."""
+    from safetensors.torch import save_file
+
+    model = tiny_model()
+    config = torch.frombuffer(bytearray(model.config.to_json().encode()), dtype=torch.uint8)
+    sd = {"model.diffusion_model." + k: v for k, v in model.state_dict().items()}
+    sd.update({"first_stage_model.decoder.conv_in.weight": torch.zeros(2, 2), "dimba_config": config,
+               "cond_stage_model.transformer.shared.weight": torch.zeros(3)})
+    save_file(sd, str(tmp_path / "comfy.safetensors"))
+    loaded = load_dimba(tmp_path / "comfy.safetensors")
+    assert loaded.config == model.config and torch.equal(run(loaded), run(model))
+    for bad, why in ((torch.zeros(3), "uint8"), (torch.tensor(list(b"[1, 2]"), dtype=torch.uint8), "JSON object"),
+                     (torch.tensor([255, 254], dtype=torch.uint8), "UTF-8")):
+        save_file({**sd, "dimba_config": bad}, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(DimbaLoadError, match=why):
+            load_dimba(tmp_path / "bad.safetensors")
