@@ -274,7 +274,8 @@ def in_comfyui(base, *names, timeout=900):
 
 
 def test_in_process(base):
-    """DimbaSampler == headless dimba_core.sample; KSampler with masked and mask-less T5 conditioning; errors."""
+    """Every check of tests/in_comfyui.py but the slow one: DimbaSampler == headless sample, KSampler, errors, and the
+    native model (weight dtypes, partial loading, LoRA formats, TrainLoraNode round trip, saves, merges)."""
     result = in_comfyui(base)
     assert result.returncode == 0 and " 0 failed" in result.stdout, result.stdout[-4000:] + result.stderr[-2000:]
     assert "3/3" in result.stderr.split("console bar check")[-1], "DimbaSampler prints no console progress bar"
