@@ -34,7 +34,8 @@ def setup(comfy_path, repo, models):
     ckpt, t5_dir = f"{models}/checkpoints/dimba_tiny.safetensors", f"{models}/text_encoders/t5_tiny"
     model, t5 = host.load_model(ckpt), host.load_t5(t5_dir, "cpu")
     encode = pack.NODE_CLASS_MAPPINGS["DimbaT5TextEncode"]().encode
-    S.update(tmp=tempfile.mkdtemp(prefix="dimba_in_comfyui_"), models=models, pack=pack, host=host, core=importlib.import_module("ComfyUI_Dimba.dimba_core"), ckpt=ckpt,
+    S.update(tmp=tempfile.mkdtemp(prefix="dimba_in_comfyui_"), models=models, pack=pack, host=host,
+             core=importlib.import_module("ComfyUI_Dimba.dimba_core"), ckpt=ckpt,
              t5_dir=t5_dir, model=model, pos=encode(t5, "a cat on a mat")[0], neg=encode(t5, "")[0],
              latent={"samples": torch.randn(2, 4, 24, 40, generator=torch.Generator().manual_seed(1))},
              sampler=pack.NODE_CLASS_MAPPINGS["DimbaSampler"]())
