@@ -385,23 +385,30 @@ def test_train_lora_node_save_and_load_back():
 def test_model_save_and_checkpoint_save_load_back():
     """ModelSave and CheckpointSave files (ComfyUI keys, the VAE and text encoder beside the denoiser) load with
     DimbaCheckpointLoader and give the same output; the config (num_heads) travels inside."""
+    import types
+
+    import comfy.model_patcher
     import comfy.sd
-    from comfy_extras.nodes_model_merging import ModelSave
+    from comfy_extras.nodes_model_merging import CheckpointSave, ModelSave
 
     model = S["host"].load_model(S["ckpt"])
-    saver = ModelSave()
-    saver.output_dir = S["tmp"]
+    saver, bundler = ModelSave(), CheckpointSave()
+    saver.output_dir = bundler.output_dir = S["tmp"]
     saver.save(model, "diffusion_models/dimba_saved")
-    saved = os.path.join(S["tmp"], "diffusion_models", "dimba_saved_00001_.safetensors")
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(f"{S['models']}/vae/dimba_tiny_vae.safetensors"))
-    bundled = os.path.join(S["tmp"], "bundled.safetensors")
-    comfy.sd.save_checkpoint(bundled, model, vae=vae, extra_keys={
-        "cond_stage_model.transformer.encoder.final_layer_norm.weight": torch.ones(4)})  # as if a CLIP were saved
+    encoder = torch.nn.Linear(4, 4)  # a stand-in text encoder: CheckpointSave needs a CLIP, Dimba uses DIMBA_T5
+    clip = types.SimpleNamespace(get_sd=encoder.state_dict, load_model=lambda: comfy.model_patcher.ModelPatcher(
+        encoder, torch.device("cpu"), torch.device("cpu")))
+    bundler.save(model, clip, vae, "checkpoints/dimba_bundled")
     want = denoise(model)
-    for path in (saved, bundled):
-        back = S["host"].load_model(path)
+    for path in ("diffusion_models/dimba_saved_00001_.safetensors", "checkpoints/dimba_bundled_00001_.safetensors"):
+        keys = comfy.utils.load_torch_file(os.path.join(S["tmp"], path)).keys()
+        assert "dimba_config" in keys and any(k.startswith("model.diffusion_model.") for k in keys), path
+        back = S["host"].load_model(os.path.join(S["tmp"], path))
         assert back.model.diffusion_model.config == model.model.diffusion_model.config  # num_heads 4, not 16
         assert torch.equal(denoise(back), want), path
+    assert any(k.startswith("first_stage_model.") for k in keys) and any(k.startswith("cond_stage_model.")
+                                                                          for k in keys)
 
 
 def test_model_merge_simple():
