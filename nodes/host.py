@@ -139,12 +139,15 @@ class DimbaModel(comfy.model_base.BaseModel):
         return self.manual_cast_dtype or self.get_dtype()
 
 
-def pick_dtype(weight_dtype, stored, n_params):
+def pick_dtype(weight_dtype, stored, n_params, load_device):
     """The weight (storage) dtype: the user's choice, or ComfyUI's for this device and model size."""
-    if weight_dtype in FP8:
-        return FP8[weight_dtype]
-    if weight_dtype in DTYPES:
-        return DTYPES[weight_dtype]
+    if weight_dtype in FP8 or weight_dtype in DTYPES:
+        dtype = FP8.get(weight_dtype) or DTYPES[weight_dtype]
+        if not mm.supports_cast(load_device, dtype):
+            raise ValueError(f"weight_dtype {weight_dtype}: the {load_device.type} device cannot hold "
+                             f"{str(dtype).replace('torch.', '')} weights (Apple MPS has no float8); pick "
+                             "fp16 or default")
+        return dtype
     return mm.unet_dtype(model_params=n_params, supported_dtypes=DimbaModelConfig.supported_inference_dtypes,
                          weight_dtype=stored)
 
@@ -157,7 +160,8 @@ def load_model(path, weight_dtype="default"):
     except dimba_core.DimbaLoadError as err:
         raise ValueError(f"not a usable Dimba checkpoint: {err}") from None
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
-    dtype = pick_dtype(weight_dtype, sd["x_embedder.proj.weight"].dtype, sum(v.numel() for v in sd.values()))
+    dtype = pick_dtype(weight_dtype, sd["x_embedder.proj.weight"].dtype, sum(v.numel() for v in sd.values()),
+                       load_device)
     model_config = DimbaModelConfig({**DimbaModelConfig.unet_config, **config.to_dict()})
     model_config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device,
                                                                 model_config.supported_inference_dtypes))

@@ -209,6 +209,9 @@ def test_weight_dtypes():
             assert torch.isfinite(out).all()
     model = S["host"].load_model(S["ckpt"], "fp8_e4m3fn")
     assert torch.equal(denoise(model, partial_budget(model)), denoise(model))  # partial loading in fp8 too
+    mps = torch.device("mps")  # Apple GPUs cannot hold float8 tensors: a clear error, not one from deep in torch
+    assert "fp16 or default" in error(lambda: S["host"].pick_dtype("fp8_e4m3fn", torch.float32, 10, mps))
+    assert S["host"].pick_dtype("fp16", torch.float32, 10, mps) == torch.float16
 
 
 def lora_targets():
