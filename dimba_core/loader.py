@@ -93,6 +93,15 @@ def _config_tensor(t: torch.Tensor, name: str) -> dict:
     return _parse_config(text, name, "tensor")
 
 
+def _denoiser_keys(keys) -> list[str]:
+    """The string keys, only the denoiser's and the config when a ComfyUI checkpoint (CheckpointSave) bundles a
+    VAE and text encoder beside `model.diffusion_model.*`."""
+    keys = [k for k in keys if isinstance(k, str)]
+    if any(k.startswith(COMFY_PREFIX) for k in keys):
+        return [k for k in keys if k.startswith(COMFY_PREFIX) or k == CONFIG_KEY]
+    return keys
+
+
 def _name(source) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else "<state dict>"
 
@@ -100,7 +109,7 @@ def _name(source) -> str:
 def _read_safetensors(path: Path):
     with open_safetensors(path) as f:
         meta = f.metadata() or {}
-        sd = {k: f.get_tensor(k) for k in f.keys()}
+        sd = {k: f.get_tensor(k) for k in _denoiser_keys(f.keys())}  # a bundled VAE / T5 is never read
     if CONFIG_KEY not in meta:
         return sd, None
     return sd, _parse_config(meta[CONFIG_KEY], str(path), "metadata")
@@ -140,9 +149,7 @@ def _select(raw, ema: bool, name: str) -> dict:
         raise DimbaLoadError(f"{name}: has no 'state_dict_ema' (keys: {keys}); load with ema=False")
     elif isinstance(raw.get("model"), Mapping):
         raw = raw["model"]
-    sd = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, torch.Tensor) and k != CONFIG_KEY}
-    if any(k.startswith(COMFY_PREFIX) for k in sd):  # a ComfyUI checkpoint; its VAE / text encoder parts go
-        sd = {k: v for k, v in sd.items() if k.startswith(COMFY_PREFIX)}
+    sd = {k: raw[k] for k in _denoiser_keys(raw) if isinstance(raw[k], torch.Tensor) and k != CONFIG_KEY}
     for prefix in PREFIXES:
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
@@ -381,16 +388,28 @@ def write_atomically(path, write) -> None:
 
 def save_safetensors(model: Dimba, path, dtype=None) -> None:
     """Write the model's state dict with its config in the file's metadata (read back by load_dimba), atomically."""
+    save_state_dict(model.state_dict(), model.config, path, dtype)
+
+
+def save_state_dict(sd: dict, config: DimbaConfig, path, dtype=None) -> None:
+    """Write a Dimba state dict and its config (metadata) to a .safetensors file atomically; with `dtype`, each
+    tensor in the dtype a model built with `dtype` stores it in (the Mamba SSM parameters stay float32)."""
     import safetensors.torch
 
     path = Path(path)
     _check_output(path)
-    if dtype is not None:  # each tensor in the dtype a model built with `dtype` stores it in (SSM stays float32)
+    if dtype is not None:
         with torch.device("meta"):
-            dtypes = {k: v.dtype for k, v in Dimba(model.config, dtype=dtype).state_dict().items()}
-    sd = {k: (v.to(dtypes[k]) if dtype else v).contiguous().cpu() for k, v in model.state_dict().items()}
-    metadata = {CONFIG_KEY: model.config.to_json(), "format": "pt"}
+            dtypes = {k: v.dtype for k, v in Dimba(config, dtype=dtype).state_dict().items()}
+    sd = {k: (v.to(dtypes[k]) if dtype else v).contiguous().cpu() for k, v in sd.items()}
+    metadata = {CONFIG_KEY: config.to_json(), "format": "pt"}
     write_atomically(path, lambda tmp: safetensors.torch.save_file(sd, tmp, metadata=metadata))
+
+
+def config_tensor(config: DimbaConfig) -> torch.Tensor:
+    """The config as a uint8 tensor of JSON text, for files whose metadata another program writes (ComfyUI's
+    ModelSave / CheckpointSave); read_state_dict reads it back."""
+    return torch.frombuffer(bytearray(config.to_json().encode()), dtype=torch.uint8)
 
 
 def _same_file(a, b) -> bool:

@@ -17,11 +17,12 @@ from tqdm.auto import tqdm
 from ._dimba import dimba_core, loader, sampling, text, weights
 
 flat_mask = dimba_core.model.flat_mask
+from .loaders import FP8_DTYPES
 from .sampling import check_latent
 
 SCHEDULE = {"beta_schedule": "sqrt_linear", "linear_start": 1e-4, "linear_end": 0.02, "timesteps": 1000}
 DTYPES = {name: weights.torch_dtype(name) for name in weights.DTYPES}
-FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FP8 = {name: getattr(torch, dtype) for name, dtype in FP8_DTYPES.items()}
 CONFIG_KEY = loader.CONFIG_KEY
 
 
@@ -80,7 +81,7 @@ class DimbaModelConfig(comfy.supported_models_base.BASE):
         out = super().process_unet_state_dict_for_saving(state_dict)
         config = dimba_core.DimbaConfig(**{k: v for k, v in self.unet_config.items()
                                            if k in dimba_core.DimbaConfig.__dataclass_fields__})
-        out[CONFIG_KEY] = torch.frombuffer(bytearray(config.to_json().encode()), dtype=torch.uint8)
+        out[CONFIG_KEY] = loader.config_tensor(config)
         return out
 
 

@@ -4,8 +4,9 @@ import os
 from ._dimba import weights
 
 DTYPE_CHOICES = ["default", *weights.DTYPES]
-# the weight dtypes of ComfyUI's Load Diffusion Model, and fp16/bf16/fp32 (see host.pick_dtype)
-WEIGHT_DTYPE_CHOICES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2", *weights.DTYPES]
+# ComfyUI's Load Diffusion Model's float8 weight dtypes (torch dtype names), offered with fp16/bf16/fp32
+FP8_DTYPES = {"fp8_e4m3fn": "float8_e4m3fn", "fp8_e4m3fn_fast": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+WEIGHT_DTYPE_CHOICES = ["default", *FP8_DTYPES, *weights.DTYPES]
 
 
 def _folder_paths():
