@@ -97,8 +97,7 @@ def check_generate_args(args, prompts) -> None:
 def generate_main(args) -> None:
     from tqdm import tqdm
 
-    from .pipeline import DimbaPipeline, native_resolution
-    from .resolution import closest_bucket, parse_ratio
+    from .pipeline import DimbaPipeline
 
     prompts = read_prompts(args)
     check_generate_args(args, prompts)
@@ -111,12 +110,10 @@ def generate_main(args) -> None:
 
         for spec in args.lora:
             apply_lora(pipe.model, *parse_lora_spec(spec))
-    width, height = args.width, args.height
-    if args.ar:
-        height, width = closest_bucket(parse_ratio(args.ar), native_resolution(pipe.model))
     for prompt, paths in plan.items():
         with tqdm(desc=prompt[:40], unit="step") as bar:
-            results = pipe(prompt, negative=args.negative, width=width, height=height, steps=args.steps,
+            results = pipe(prompt, negative=args.negative, width=args.width, height=args.height,
+                           aspect_ratio=args.ar, steps=args.steps,
                            cfg_scale=args.cfg, sampler=args.sampler, seed=args.seed, batch=args.batch,
                            callback=lambda i, n, x, x0: (setattr(bar, "total", n), bar.update(1)))
         for r, path in zip(results, paths):

@@ -9,7 +9,7 @@ import torch
 
 from .config import RESOLUTION_SETTINGS
 from .loader import load_dimba
-from .resolution import parse_prompt
+from .resolution import closest_bucket, parse_prompt, parse_ratio
 from .sampling import check_seed, check_settings, noise_like, sample
 
 
@@ -79,6 +79,7 @@ class DimbaPipeline:
         model.config.check_caption_width(text_encoder.hidden_size)
         self.model, self.text_encoder, self.vae = model, text_encoder, vae
         self.device = torch.device(device) if device else next(model.parameters()).device
+        self._negative: tuple[str, torch.Tensor] | None = None  # (text, T5 embedding) of the last negative
 
     @classmethod
     def from_files(cls, checkpoint, t5, vae, *, device=None, dtype=None, t5_device="cpu", t5_dtype=torch.float32,
@@ -96,18 +97,22 @@ class DimbaPipeline:
 
     @torch.inference_mode()
     def __call__(self, prompt: str, *, negative: str = "", width: int | None = None, height: int | None = None,
-                 steps: int | None = None, cfg_scale: float = 4.5, sampler: str = "dpmpp_2m", seed: int = 0,
-                 batch: int = 1, callback=None) -> list[Generation]:
-        """Generate `batch` images for one prompt; a `--ar h:w` / `--hw h:w` suffix sets the size."""
+                 aspect_ratio: str | None = None, steps: int | None = None, cfg_scale: float = 4.5,
+                 sampler: str = "dpmpp_2m", seed: int = 0, batch: int = 1, callback=None) -> list[Generation]:
+        """Generate `batch` images for one prompt; `aspect_ratio` ("h:w", the closest training bucket) or a
+        `--ar h:w` / `--hw h:w` prompt suffix sets the size when width and height are not given."""
         base = native_resolution(self.model)
-        prompt, size = parse_prompt(prompt, base if base in RESOLUTION_SETTINGS else 1024)
+        buckets = base if base in RESOLUTION_SETTINGS else 1024  # the bucket table the checkpoint was trained on
+        prompt, size = parse_prompt(prompt, buckets)
+        if aspect_ratio is not None:
+            size = closest_bucket(parse_ratio(aspect_ratio), buckets)
         if size and width is None and height is None:
             height, width = size
         width, height = width or base, height or base
         check_size(width, height, 8 * self.model.config.patch_size)
         check_request(seed=seed, batch=batch, steps=steps, cfg_scale=cfg_scale, sampler=sampler)
         cond, mask = self.text_encoder.encode([prompt])  # batch 1: sample() broadcasts it to the noise batch
-        uncond, _ = self.text_encoder.encode([negative])
+        uncond = self.encode_negative(negative)
         cond, uncond = (t.to(self.device, self.model.dtype) for t in (cond, uncond))
         noise = noise_like((batch, self.model.config.in_channels, height // 8, width // 8), seed, self.device)
         latents = sample(self.model, noise, cond, uncond, mask=mask.to(self.device), steps=steps,
@@ -119,6 +124,12 @@ class DimbaPipeline:
         if not torch.isfinite(images).all():
             raise GenerationError(f"the VAE produced NaN or infinite pixels in {self.vae.dtype}: decode in float32")
         return [Generation(to_pil(img), prompt, seed, i) for i, img in enumerate(images)]
+
+    def encode_negative(self, negative: str) -> torch.Tensor:
+        """T5 embedding of the negative prompt, encoded once while it stays the same (many prompts, one negative)."""
+        if self._negative is None or self._negative[0] != negative:
+            self._negative = (negative, self.text_encoder.encode([negative])[0])
+        return self._negative[1]
 
 
 def check_request(*, seed: int = 0, batch: int = 1, steps: int | None = None, cfg_scale: float = 4.5,
