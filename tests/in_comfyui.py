@@ -212,6 +212,13 @@ def test_weight_dtypes():
     mps = torch.device("mps")  # Apple GPUs cannot hold float8 tensors: a clear error, not one from deep in torch
     assert "fp16 or default" in error(lambda: S["host"].pick_dtype("fp8_e4m3fn", torch.float32, 10, mps))
     assert S["host"].pick_dtype("fp16", torch.float32, 10, mps) == torch.float16
+    from comfy_extras.nodes_model_merging import ModelSave
+
+    saver = ModelSave()  # an fp8 MODEL saves fp8 weights, which load again
+    saver.output_dir = S["tmp"]
+    saver.save(model, "dimba_fp8")
+    back = S["host"].load_model(os.path.join(S["tmp"], "dimba_fp8_00001_.safetensors"))
+    assert torch.equal(denoise(back), denoise(model))
 
 
 def lora_targets():
