@@ -142,13 +142,14 @@ class LatentCache:
     def save(self, folder: Path, key: str, encoders: str = "") -> None:
         from safetensors.torch import save_file
 
+        from ..loader import write_atomically
+
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "cache.safetensors.tmp"
         tensors = {"mean": self.mean, "std": self.std, "tokens": self.tokens, "lengths": self.lengths}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"key": key, "encoders": encoders, "scaling_factor": str(self.scaling_factor),
-                            "shift_factor": str(self.shift_factor)})
-        tmp.replace(folder / "cache.safetensors")
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        metadata = {"key": key, "encoders": encoders, "scaling_factor": str(self.scaling_factor),
+                    "shift_factor": str(self.shift_factor)}
+        write_atomically(folder / "cache.safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, folder: Path, key: str | None = None, encoders: str | None = None) -> "LatentCache | None":

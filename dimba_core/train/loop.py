@@ -338,14 +338,6 @@ def restore_state(model, lora, optimizer, state: dict, fsdp: bool) -> None:
     optimizer.load_state_dict(state["optimizer"])
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def latest_checkpoint(out: Path) -> Path | None:
     found = sorted((out / "checkpoints").glob("step-*.pt"))
     return found[-1] if found else None
@@ -367,7 +359,7 @@ def write_outputs(opts: TrainOptions, model, lora, ema: dict | None, rank: int, 
     """OUT/dimba_lora.safetensors (LoRA) or OUT/dimba_finetuned.safetensors (full), plus *_ema with EMA."""
     from safetensors.torch import save_file
 
-    from ..loader import CONFIG_KEY
+    from ..loader import CONFIG_KEY, write_atomically
 
     if rank != 0:
         return {}
@@ -390,9 +382,7 @@ def write_outputs(opts: TrainOptions, model, lora, ema: dict | None, rank: int, 
                 sd.update({k: v.to("cpu", dtype).contiguous() for k, v in weights.items()})
             path = out / f"dimba_finetuned{suffix}.safetensors"
             meta = {CONFIG_KEY: model.config.to_json(), "format": "pt"}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(sd, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        write_atomically(path, functools.partial(save_file, sd, metadata=meta))
         paths["ema" if suffix else "weights"] = path
     return paths
 
@@ -436,6 +426,7 @@ def train(opts: TrainOptions) -> dict:
 
 
 def _run(opts, model, cache, rank, world, device, micro) -> dict:
+    from ..loader import write_atomically
     from .lora import LoRANetwork
 
     backend = pick_scan_backend(model, device)
@@ -537,10 +528,12 @@ def _run(opts, model, cache, rank, world, device, micro) -> dict:
             trained, optim_state = gather_state(model, lora, optimizer, opts.fsdp)
             ema_copy = None if ema is None else {k: full_tensor(v).detach().cpu().clone() for k, v in ema.items()}
             if rank == 0:
-                save_atomic(dict(step=done, options=dataclasses.asdict(opts), trained=trained,
-                                 optimizer=optim_state, scheduler=scheduler.state_dict(),
-                                 scaler=scaler.state_dict(), ema=ema_copy, rng={"torch": torch.get_rng_state()}),
-                            out / "checkpoints" / f"step-{done:07d}.pt")
+                path = out / "checkpoints" / f"step-{done:07d}.pt"
+                path.parent.mkdir(exist_ok=True)
+                saved = dict(step=done, options=dataclasses.asdict(opts), trained=trained,
+                             optimizer=optim_state, scheduler=scheduler.state_dict(),
+                             scaler=scaler.state_dict(), ema=ema_copy, rng={"torch": torch.get_rng_state()})
+                write_atomically(path, functools.partial(torch.save, saved))
             barrier(world)
     if bar is not None:
         bar.close()
