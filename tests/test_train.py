@@ -174,6 +174,17 @@ def test_full_finetune_at_1024_writes_a_loadable_checkpoint(env, lora_run, tmp_p
     assert len(changed) > 10
 
 
+def test_full_finetune_saved_in_bf16_keeps_the_ssm_parameters_float32(env, lora_run, tmp_path):
+    from safetensors import safe_open
+
+    result = train(options(env, tmp_path, steps=1, save_dtype="bf16"))
+    with safe_open(str(result["weights"]), framework="pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    a_log = [k for k in dtypes if k.startswith("mamba_blocks.") and k.endswith(".mixer.A_log")]
+    assert a_log and all(dtypes[k] == "F32" for k in a_log)
+    assert dtypes["x_embedder.proj.weight"] == "BF16"
+
+
 def test_bad_data_is_skipped_with_warnings_or_refused(tmp_path):
     good = write_images(tmp_path / "d", 2)
     Image.fromarray(np.zeros((80, 80), np.uint8)).save(good / "gray.png")  # non-RGB: converted

@@ -359,7 +359,7 @@ def write_outputs(opts: TrainOptions, model, lora, ema: dict | None, rank: int, 
     """OUT/dimba_lora.safetensors (LoRA) or OUT/dimba_finetuned.safetensors (full), plus *_ema with EMA."""
     from safetensors.torch import save_file
 
-    from ..loader import CONFIG_KEY, write_atomically
+    from ..loader import save_state_dict, write_atomically
 
     if rank != 0:
         return {}
@@ -376,13 +376,10 @@ def write_outputs(opts: TrainOptions, model, lora, ema: dict | None, rank: int, 
             lora.load_state_dict(saved)
             path = out / f"dimba_lora{suffix}.safetensors"
             meta = {"format": "pt", "dimba_config": model.config.to_json(), "rank": str(opts.lora_rank)}
-        else:
-            sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model_sd.items()}
-            if weights is not None:
-                sd.update({k: v.to("cpu", dtype).contiguous() for k, v in weights.items()})
+            write_atomically(path, functools.partial(save_file, sd, metadata=meta))
+        else:  # each tensor in the dtype a model of save_dtype keeps it in (the Mamba SSM parameters stay float32)
             path = out / f"dimba_finetuned{suffix}.safetensors"
-            meta = {CONFIG_KEY: model.config.to_json(), "format": "pt"}
-        write_atomically(path, functools.partial(save_file, sd, metadata=meta))
+            save_state_dict({**model_sd, **(weights or {})}, model.config, path, dtype)
         paths["ema" if suffix else "weights"] = path
     return paths
 
