@@ -201,21 +201,24 @@ def prepare_cache(opts: TrainOptions, rank: int, world: int, device, image_size:
     with them only if it was made by the same ones.
     """
     folder = Path(opts.cache_dir or Path(opts.out) / "cache")
+    cache = None
     if rank == 0:
         samples = check_samples(find_samples(opts.data), min_side=max(1, image_size // 2))
         key = cache_key(samples, image_size, opts.max_length)
         encoders = json.dumps([str(opts.t5), str(opts.vae)]) if opts.t5 and opts.vae else None
-        if LatentCache.load(folder, key, encoders) is None:
-            encode_to(folder, key, encoders, samples, opts, device, image_size)
+        cache = LatentCache.load(folder, key, encoders)
+        if cache is None:
+            cache = encode_to(folder, key, encoders, samples, opts, device, image_size)
     barrier(world)
-    cache = LatentCache.load(folder)
+    if cache is None:  # the other ranks read what rank 0 found or wrote
+        cache = LatentCache.load(folder)
     if cache is None:
         raise RuntimeError(f"no latent cache in {folder}")
     return cache
 
 
-def encode_to(folder, key, encoders, samples, opts: TrainOptions, device, image_size: int) -> None:
-    """Encode the samples with T5 and the VAE, save the cache, free both encoders."""
+def encode_to(folder, key, encoders, samples, opts: TrainOptions, device, image_size: int) -> LatentCache:
+    """Encode the samples with T5 and the VAE, save the cache, free both encoders; returns the cache."""
     import gc
 
     from ..text import T5TextEncoder
@@ -234,6 +237,7 @@ def encode_to(folder, key, encoders, samples, opts: TrainOptions, device, image_
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return cache
 
 
 class Sampler:
