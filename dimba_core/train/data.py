@@ -1,13 +1,19 @@
-"""Training data: image/caption pairs (folder or JSONL), checked up front, encoded once into a latent/caption cache."""
+"""Training data: image/caption pairs (folder or JSONL), checked while encoded once into a latent/caption cache."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CACHE_VERSION = 1
@@ -82,18 +88,27 @@ def open_rgb(path: Path, min_side: int):
     return img.convert("RGB")
 
 
-def check_samples(samples: list[Sample], min_side: int) -> list[Sample]:
-    """Keep the samples whose image opens and is large enough; warn about the others; refuse an empty set."""
-    good, bad = [], []
+def usable_images(samples: list[Sample], min_side: int) -> Iterator[tuple[Sample, Image.Image]]:
+    """(sample, RGB image) for each sample whose image opens and is large enough, one at a time; the others
+    are skipped and, after the last, warned about in one message; none usable is a ValueError."""
+    bad, good = [], 0
     for s in samples:
         img = open_rgb(s.image, min_side) if s.image.is_file() else "missing file"
-        (bad.append(f"{s.image.name}: {img}") if isinstance(img, str) else good.append(s))
+        if isinstance(img, str):
+            bad.append(f"{s.image.name}: {img}")
+            continue
+        good += 1
+        yield s, img
     if bad:
         warnings.warn(f"skipped {len(bad)} image(s): " + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""),
                       stacklevel=2)
     if not good:
         raise ValueError("no usable training images: " + "; ".join(bad[:5]))
-    return good
+
+
+def check_samples(samples: list[Sample], min_side: int) -> list[Sample]:
+    """Keep the samples whose image opens and is large enough; warn about the others; refuse an empty set."""
+    return [s for s, _ in usable_images(samples, min_side)]
 
 
 def image_tensor(img, size: int) -> torch.Tensor:
@@ -112,11 +127,16 @@ def image_tensor(img, size: int) -> torch.Tensor:
 
 
 def cache_key(samples: list[Sample], size: int, max_length: int) -> str:
-    """A digest of the data the cache holds: files (path, size, mtime), captions, crop size, caption length."""
+    """A digest of the data the cache holds: files (path, size, mtime; a missing one as such), captions, crop size,
+    caption length. It reads file stats only, so a cache is found without opening an image."""
     h = hashlib.sha256(json.dumps([CACHE_VERSION, size, max_length]).encode())
     for s in samples:
-        st = s.image.stat()
-        h.update(json.dumps([str(s.image), st.st_size, st.st_mtime_ns, s.caption]).encode())
+        try:
+            st = s.image.stat()
+            stats = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            stats = [None, None]
+        h.update(json.dumps([str(s.image), *stats, s.caption]).encode())
     return h.hexdigest()[:16]
 
 
@@ -169,21 +189,24 @@ class LatentCache:
 
 
 @torch.no_grad()
-def encode_samples(samples: list[Sample], size: int, t5, vae, *, batch_size: int = 8, max_length: int = 300,
-                   progress: bool = True) -> LatentCache:
-    """Caption tokens through T5 and the images through the VAE encoder (posterior mean and std)."""
+def encode_samples(images: Iterable[tuple[Sample, Image.Image]], size: int, t5, vae, *, batch_size: int = 8,
+                   max_length: int = 300, progress: bool = True, total: int | None = None) -> LatentCache:
+    """Caption tokens through T5 and the images through the VAE encoder (posterior mean and std).
+
+    images: (sample, RGB image) pairs, e.g. from usable_images, taken one batch at a time.
+    """
     from tqdm import tqdm
 
     tokens, lengths, means, stds = [], [], [], []
-    bar = tqdm(total=len(samples), desc="encoding data", unit="img", disable=not progress)
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start: start + batch_size]
-        emb, mask = t5.encode([s.caption for s in chunk], max_length=max_length)
+    bar = tqdm(total=total, desc="encoding data", unit="img", disable=not progress)
+    images = iter(images)
+    while chunk := list(itertools.islice(images, batch_size)):
+        emb, mask = t5.encode([s.caption for s, _ in chunk], max_length=max_length)
         for e, m in zip(emb, mask):
             n = int(m.sum())
             tokens.append(e[:n].cpu())  # T5's dtype: bf16 on CUDA halves the cache (4096 x 2 bytes a token)
             lengths.append(n)
-        x = torch.stack([image_tensor(open_rgb(s.image, 0), size) for s in chunk])
+        x = torch.stack([image_tensor(img, size) for _, img in chunk])
         dist = vae.model.encode(x.to(vae.device, vae.dtype)).latent_dist
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())

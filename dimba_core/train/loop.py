@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..weights import DTYPES, torch_dtype
-from .data import LatentCache, cache_key, check_samples, encode_samples, find_samples
+from .data import LatentCache, cache_key, encode_samples, find_samples, usable_images
 from .objective import NUM_TIMESTEPS, training_losses
 
 PRECISIONS = {name: None if name == "fp32" else torch_dtype(name) for name in DTYPES}  # autocast; fp32: none
@@ -195,15 +195,16 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float):
 # --- data -------------------------------------------------------------------------------------------
 
 def prepare_cache(opts: TrainOptions, rank: int, world: int, device, image_size: int) -> LatentCache:
-    """Rank 0 checks the data and encodes it once (T5 + VAE, then freed); every rank then reads the cache.
+    """Rank 0 finds the cache of the data, or checks and encodes the data once (T5 + VAE, then freed); the other
+    ranks then read the cache.
 
-    A cache made from the same files, captions and crop size is reused; without --t5/--vae with any encoders,
-    with them only if it was made by the same ones.
+    A cache made from the same files (by their size and time), captions and crop size is reused, without opening
+    an image; without --t5/--vae with any encoders, with them only if it was made by the same ones.
     """
     folder = Path(opts.cache_dir or Path(opts.out) / "cache")
     cache = None
     if rank == 0:
-        samples = check_samples(find_samples(opts.data), min_side=max(1, image_size // 2))
+        samples = find_samples(opts.data)
         key = cache_key(samples, image_size, opts.max_length)
         encoders = json.dumps([str(opts.t5), str(opts.vae)]) if opts.t5 and opts.vae else None
         cache = LatentCache.load(folder, key, encoders)
@@ -218,20 +219,24 @@ def prepare_cache(opts: TrainOptions, rank: int, world: int, device, image_size:
 
 
 def encode_to(folder, key, encoders, samples, opts: TrainOptions, device, image_size: int) -> LatentCache:
-    """Encode the samples with T5 and the VAE, save the cache, free both encoders; returns the cache."""
+    """Encode the usable samples with T5 and the VAE (each image decoded once, the unusable skipped with a
+    warning), save the cache, free both encoders; returns the cache."""
     import gc
+    import itertools
 
     from ..text import T5TextEncoder
     from ..vae import load_vae
 
+    images = usable_images(samples, min_side=max(1, image_size // 2))
+    first = next(images)  # a set without a usable image is refused here, before the encoders load
     if not opts.t5 or not opts.vae:
         raise ValueError("the first run on a data set needs --t5 and --vae to encode it "
                          f"(no matching cache in {folder})")
     half = torch.bfloat16 if device.type == "cuda" else torch.float32
     t5 = T5TextEncoder.from_pretrained(opts.t5, tokenizer=opts.tokenizer, device=device, dtype=half)
     vae = load_vae(opts.vae, device=device, dtype=torch.float32)
-    cache = encode_samples(samples, image_size, t5, vae, batch_size=opts.encode_batch_size,
-                           max_length=opts.max_length, progress=opts.progress)
+    cache = encode_samples(itertools.chain([first], images), image_size, t5, vae, batch_size=opts.encode_batch_size,
+                           max_length=opts.max_length, progress=opts.progress, total=len(samples))
     cache.save(folder, key, encoders)
     del t5, vae
     gc.collect()
