@@ -5,22 +5,25 @@ import math
 
 import torch
 
-NUM_TIMESTEPS = 1000
+from ..sampling import DiscreteSchedule
+
+NUM_TIMESTEPS = DiscreteSchedule().N  # the reference's 1000 steps, as the sampler has them
 
 
 class Coefficients:
-    """IDDPM's linear schedule (1000 betas, 1e-4..0.02) and its posterior coefficients, one table per dtype.
+    """The sampler's schedule (IDDPM's 1000 linear betas, 1e-4..0.02) and its posterior coefficients, one table per
+    dtype.
 
     The tables are computed in float64 and rounded to float32, as the reference's `_extract_into_tensor`
     does, then cast to the dtype of the latents.
     """
 
-    def __init__(self, num_timesteps: int = NUM_TIMESTEPS):
-        betas = torch.linspace(1e-4, 0.02, num_timesteps, dtype=torch.float64)
-        ac = torch.cumprod(1 - betas, 0)
+    def __init__(self, schedule: DiscreteSchedule | None = None):
+        schedule = schedule or DiscreteSchedule()
+        betas, ac = schedule.betas, schedule.alphas_cumprod
         ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
         post_var = betas * (1 - ac_prev) / (1 - ac)
-        self.num_timesteps = num_timesteps
+        self.num_timesteps = schedule.N
         self.tables = dict(
             sqrt_ac=ac.sqrt(), sqrt_1m_ac=(1 - ac).sqrt(),
             sqrt_recip_ac=(1 / ac).sqrt(), sqrt_recipm1_ac=(1 / ac - 1).sqrt(),
