@@ -264,7 +264,8 @@ class Sampler:
         return int(self._perm[epoch][i])
 
     def batch(self, step: int, ks, null_caption: torch.Tensor, device):
-        """x_start, t, y (b x 1 x L x C), mask, noise for the global samples ks of this step."""
+        """x_start, t, y (b x 1 x L x C), mask, noise for the global samples ks of this step; null_caption:
+        the learned null caption (L x C, float32 on the CPU)."""
         xs, ts, noises, caps, drops = [], [], [], [], []
         shape = self.cache.mean.shape[1:]
         for k in ks:
@@ -281,7 +282,7 @@ class Sampler:
         for j, c in enumerate(caps):
             y[j, : c.shape[0]], mask[j, : c.shape[0]] = c, 1
             if drops[j]:  # the learned null caption, with the caption's own mask (as the reference)
-                y[j] = null_caption[:length].float().cpu()
+                y[j] = null_caption[:length]
         to = functools.partial(torch.Tensor.to, device=device)
         return (to(torch.stack(xs)), to(torch.tensor(ts)), to(y[:, None]), to(mask), to(torch.stack(noises)))
 
@@ -473,7 +474,7 @@ def _run(opts, model, cache, rank, world, device, micro) -> dict:
         torch.set_rng_state(state["rng"]["torch"])
         start = state["step"]
     sampler = Sampler(cache, opts.seed, opts.batch_size, opts.class_dropout_prob)
-    null_caption = model.y_embedder.y_embedding
+    null_caption = model.y_embedder.y_embedding.detach().float().cpu()  # a buffer: fixed during training
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     log = (out / "log.jsonl").open("a") if rank == 0 else None
