@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from ..config import RESOLUTION_SETTINGS
 from ..weights import DTYPES
+from .loop import TrainOptions
 
 
 def add_train_parser(sub) -> argparse.ArgumentParser:
@@ -20,49 +22,51 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--vae", help="SDXL VAE (diffusers folder or .safetensors); needed to build the cache")
     p.add_argument("--tokenizer", help="T5 tokenizer folder if the T5 path has none")
     p.add_argument("--cache-dir", help="where the encoded data is kept (default OUT/cache)")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=4, help="global batch: all processes and accumulation steps")
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps per optimizer step")
+    p.add_argument("--steps", type=int, help="optimizer steps (default %(default)s)")
+    p.add_argument("--batch-size", type=int,
+                   help="global batch: all processes and accumulation steps (default %(default)s)")
+    p.add_argument("--grad-accum", type=int,
+                   help="gradient accumulation steps per optimizer step (default %(default)s)")
     p.add_argument("--lr", type=float, help="learning rate (default 2e-5 full, as the reference; 1e-4 LoRA)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the attention and Mamba projections; "
-                                                            "0 (default): full fine-tuning")
+    p.add_argument("--seed", type=int, help="(default %(default)s)")
+    p.add_argument("--lora-rank", type=int, help="LoRA rank on the attention and Mamba projections (default "
+                                                 "%(default)s); 0: full fine-tuning")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
     p.add_argument("--resolution", type=int, choices=tuple(RESOLUTION_SETTINGS),
                    help="train at this resolution with the reference's base_size / pe_interpolation "
                         "(resolution adaptation, e.g. a 512 px checkpoint at 1024)")
     p.add_argument("--image-size", type=int, help="crop size in px (default: --resolution or the checkpoint's)")
-    p.add_argument("--optimizer", choices=("came", "adamw"), default="came",
-                   help="came (the reference's; pip install came-pytorch) or adamw")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--optimizer", choices=("came", "adamw"),
+                   help="came (the reference's; pip install came-pytorch) or adamw (default %(default)s)")
+    p.add_argument("--weight-decay", type=float, help="(default %(default)s)")
     p.add_argument("--warmup-steps", type=int, help="linear warm-up, then constant (default min(1000, steps/10))")
-    p.add_argument("--max-grad-norm", type=float, default=0.05, help="gradient clipping (0: off)")
-    p.add_argument("--class-dropout-prob", type=float, default=0.1,
-                   help="probability of replacing a caption by the learned null caption")
-    p.add_argument("--precision", choices=sorted(DTYPES), default="fp32",
-                   help="autocast dtype; master weights stay float32")
+    p.add_argument("--max-grad-norm", type=float, help="gradient clipping (default %(default)s; 0: off)")
+    p.add_argument("--class-dropout-prob", type=float,
+                   help="probability of replacing a caption by the learned null caption (default %(default)s)")
+    p.add_argument("--precision", choices=sorted(DTYPES),
+                   help="autocast dtype (default %(default)s); master weights stay float32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in the backward pass")
-    p.add_argument("--ema", type=float, default=0.0, dest="ema_decay", metavar="DECAY",
+    p.add_argument("--ema", type=float, dest="ema_decay", metavar="DECAY",
                    help="keep an EMA of the trained weights with this decay (e.g. 0.9999); 0: off")
-    p.add_argument("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps")
+    p.add_argument("--save-every", type=int, help="write a resumable checkpoint every N steps (0: only at the end)")
     p.add_argument("--resume", nargs="?", const="latest",
                    help="continue from a checkpoint file, or from the latest in OUT/checkpoints")
     p.add_argument("--fsdp", action="store_true",
                    help="full fine-tuning under torchrun: shard weights, gradients and optimizer state (FSDP2) "
                         "instead of replicating them (DDP); for Dimba-G-2")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available; torchrun: one GPU per process)")
-    p.add_argument("--save-dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the output")
+    p.add_argument("--save-dtype", choices=sorted(DTYPES), help="dtype of the output (default %(default)s)")
     p.add_argument("--num-heads", type=int, help="attention heads if the checkpoint does not say (default 16)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.set_defaults(func=train_main)
+    # the defaults are TrainOptions' own, so that the command line and the Python API cannot drift apart
+    p.set_defaults(func=train_main, **{f.name: f.default for f in dataclasses.fields(TrainOptions)
+                                       if f.default is not dataclasses.MISSING})
     return p
 
 
 def train_main(args) -> None:
     """Build TrainOptions from parsed arguments and run."""
-    import dataclasses
-
-    from .loop import TrainOptions, train
+    from .loop import train
 
     fields = {f.name for f in dataclasses.fields(TrainOptions)}
     opts = TrainOptions(**{k: v for k, v in vars(args).items() if k in fields})
