@@ -317,23 +317,39 @@ def placed_like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return whole
 
 
-def full_model_state(model, fsdp: bool) -> dict:
-    """The model's whole state dict on the CPU; under FSDP a collective, complete on rank 0."""
+def full_model_state(model, fsdp: bool, rank: int) -> dict:
+    """The model's whole state dict on the CPU, on rank 0 (which alone writes; empty elsewhere); under FSDP a
+    collective that every rank joins."""
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()} if rank == 0 else {}
 
 
-def gather_state(model, lora, optimizer, fsdp: bool) -> tuple[dict, dict]:
-    """(trained tensors, optimizer state), whole and on the CPU; under FSDP a collective, complete on rank 0."""
+def gather_state(model, lora, optimizer, fsdp: bool, rank: int) -> tuple[dict, dict]:
+    """(trained tensors, optimizer state), whole and on the CPU, on rank 0 (empty elsewhere); under FSDP a
+    collective that every rank joins. Without FSDP the tensors may share memory with the live ones (on the
+    CPU): save them before the next step."""
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return {}, {}
     trained = lora.state_dict() if lora is not None else model.state_dict()
-    return {k: v.detach().cpu().clone() for k, v in trained.items()}, optimizer.state_dict()
+    return {k: v.detach().cpu() for k, v in trained.items()}, optimizer.state_dict()
+
+
+def gathered(tensors: dict, rank: int) -> dict | None:
+    """The tensors whole and on the CPU on rank 0, None elsewhere; a sharded (FSDP) one is gathered, a collective
+    that every rank joins. They may share memory with the live ones (on the CPU)."""
+    out = {}
+    for k, v in tensors.items():
+        v = full_tensor(v).detach()
+        if rank == 0:
+            out[k] = v.cpu()
+    return out if rank == 0 else None
 
 
 def restore_state(model, lora, optimizer, state: dict, fsdp: bool) -> None:
@@ -532,8 +548,8 @@ def _run(opts, model, cache, rank, world, device, micro) -> dict:
                 bar.set_postfix(loss=f"{total[0]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 bar.update(1)
         if (opts.save_every and done % opts.save_every == 0) or done == opts.steps:
-            trained, optim_state = gather_state(model, lora, optimizer, opts.fsdp)
-            ema_copy = None if ema is None else {k: full_tensor(v).detach().cpu().clone() for k, v in ema.items()}
+            trained, optim_state = gather_state(model, lora, optimizer, opts.fsdp, rank)
+            ema_copy = None if ema is None else gathered(ema, rank)
             if rank == 0:
                 path = out / "checkpoints" / f"step-{done:07d}.pt"
                 path.parent.mkdir(exist_ok=True)
@@ -546,16 +562,17 @@ def _run(opts, model, cache, rank, world, device, micro) -> dict:
         bar.close()
     if log is not None:
         log.close()
-    model_sd = full_model_state(model, opts.fsdp) if lora is None else {}
-    paths = write_outputs(opts, model, lora, _strip(ema, lora), rank, model_sd)
+    model_sd = full_model_state(model, opts.fsdp, rank) if lora is None else {}
+    paths = write_outputs(opts, model, lora, _strip(ema, lora, rank), rank, model_sd)
     barrier(world)
     return dict(paths, losses=losses, step_seconds=step_seconds, scan_backend=backend)
 
 
-def _strip(ema: dict | None, lora) -> dict | None:
-    """EMA tensors keyed like the trained module's state dict (drop the Trainee's model./lora. prefix)."""
+def _strip(ema: dict | None, lora, rank: int) -> dict | None:
+    """EMA tensors keyed like the trained module's state dict (drop the Trainee's model./lora. prefix), whole and
+    on the CPU on rank 0 (None elsewhere; under FSDP a collective)."""
     if ema is None:
         return None
     prefix = "lora." if lora is not None else "model."
-    return {n[len(prefix):]: full_tensor(v).detach().cpu().clone() for n, v in ema.items()}
+    return gathered({n[len(prefix):]: v for n, v in ema.items()}, rank)
 
