@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from dimba_core import apply_lora, load_dimba
 from dimba_core.tiny_assets import write_tiny_assets
 from dimba_core.train import TrainOptions, train, training_losses
-from dimba_core.train.data import LatentCache, check_samples, find_samples
+from dimba_core.train.data import LatentCache, find_samples, usable_images
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red square", "a blue circle", "green stripes", "a yellow dot"]
@@ -199,7 +199,7 @@ def test_bad_data_is_skipped_with_warnings_or_refused(tmp_path):
         samples = find_samples(good)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        kept = check_samples(samples, min_side=32)
+        kept = [s for s, _ in usable_images(samples, min_side=32)]
     message = " ".join(str(w.message) for w in caught)
     assert {s.image.name for s in kept} == {"img0.png", "img1.png", "gray.png", "rgba.png"}
     assert "broken.png: unreadable" in message and "tiny.png: too small" in message
@@ -208,7 +208,7 @@ def test_bad_data_is_skipped_with_warnings_or_refused(tmp_path):
     with pytest.raises(ValueError, match="no images with captions found"):
         find_samples(tmp_path / "empty")
     with pytest.raises(ValueError, match="no usable training images"), pytest.warns(UserWarning):
-        check_samples([s for s in samples if s.image.stem in ("tiny", "broken")], min_side=32)
+        list(usable_images([s for s in samples if s.image.stem in ("tiny", "broken")], min_side=32))
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text('{"image": "d/img0.png", "caption": "x"}\n{"image": "d/img1.png"}\n')
     with pytest.raises(ValueError, match="line 2"):

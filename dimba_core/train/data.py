@@ -106,11 +106,6 @@ def usable_images(samples: list[Sample], min_side: int) -> Iterator[tuple[Sample
         raise ValueError("no usable training images: " + "; ".join(bad[:5]))
 
 
-def check_samples(samples: list[Sample], min_side: int) -> list[Sample]:
-    """Keep the samples whose image opens and is large enough; warn about the others; refuse an empty set."""
-    return [s for s, _ in usable_images(samples, min_side)]
-
-
 def image_tensor(img, size: int) -> torch.Tensor:
     """Resize the shorter side to `size` (bicubic), center-crop to size x size: 3 x size x size in [-1, 1]."""
     import numpy as np
