@@ -39,10 +39,25 @@ def torch_version() -> tuple[int, ...]:
     return tuple(int(g or 0) for g in m.groups()) if m else (0, 0, 0)
 
 
-def read_state_dict(source, *, ema: bool = False) -> tuple[dict, dict | None, str]:
-    """Return (state dict of float tensors, config dict stored with it or None, name for messages)."""
+def is_dimba(keys, prefix: str = "") -> bool:
+    """Whether state-dict keys (under `prefix`) are a Dimba denoiser's: PixArt's timestep block with Mamba blocks
+    beside it, or the config tensor the pack stores. Key names only, as ComfyUI's model detection works."""
+    keys = keys if isinstance(keys, (set, frozenset, Mapping)) else set(keys)
+    if prefix + CONFIG_KEY in keys:
+        return True
+    return prefix + "t_block.1.weight" in keys and any(
+        isinstance(k, str) and k.startswith(prefix + "mamba_blocks.") for k in keys)
+
+
+def read_state_dict(source, *, ema: bool = False, metadata: Mapping | None = None) -> tuple[dict, dict | None, str]:
+    """Return (state dict of float tensors, config dict stored with it or None, name for messages).
+
+    `metadata` is a state dict's safetensors metadata (str -> str), for a state dict read elsewhere.
+    """
     name = _name(source)
     stored_config = None
+    if metadata and isinstance(metadata.get(CONFIG_KEY), str):
+        stored_config = _parse_config(metadata[CONFIG_KEY], name, "metadata")
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
@@ -61,8 +76,9 @@ def read_state_dict(source, *, ema: bool = False) -> tuple[dict, dict | None, st
         raw = source
     else:
         raise DimbaLoadError(f"cannot load a Dimba model from {type(source).__name__}; pass a path or a state dict")
-    if stored_config is None and isinstance(raw, Mapping) and isinstance(raw.get(CONFIG_KEY), torch.Tensor):
-        stored_config = _config_tensor(raw[CONFIG_KEY], name)
+    tensor = raw.get(CONFIG_KEY, raw.get(COMFY_PREFIX + CONFIG_KEY)) if isinstance(raw, Mapping) else None
+    if stored_config is None and isinstance(tensor, torch.Tensor):
+        stored_config = _config_tensor(tensor, name)
     sd = _select(raw, ema, name)
     _check_tensors(sd, name, from_file=not isinstance(source, Mapping))
     return sd, stored_config, name
@@ -149,7 +165,8 @@ def _select(raw, ema: bool, name: str) -> dict:
         raise DimbaLoadError(f"{name}: has no 'state_dict_ema' (keys: {keys}); load with ema=False")
     elif isinstance(raw.get("model"), Mapping):
         raw = raw["model"]
-    sd = {k: raw[k] for k in _denoiser_keys(raw) if isinstance(raw[k], torch.Tensor) and k != CONFIG_KEY}
+    sd = {k: raw[k] for k in _denoiser_keys(raw)
+          if isinstance(raw[k], torch.Tensor) and k not in (CONFIG_KEY, COMFY_PREFIX + CONFIG_KEY)}
     for prefix in PREFIXES:
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
@@ -307,16 +324,16 @@ def _check_num_heads(num_heads, name: str) -> None:
         raise DimbaLoadError(f"{name}: num_heads must be a positive integer, got {num_heads!r}")
 
 
-def read_checkpoint(source, *, num_heads: int | None = None, ema: bool = False,
+def read_checkpoint(source, *, num_heads: int | None = None, ema: bool = False, metadata: Mapping | None = None,
                     **overrides) -> tuple[DimbaConfig, dict]:
     """(config, state dict) of a checkpoint path or state dict, every key and shape checked; builds no model.
 
     num_heads cannot be read from shapes: it defaults to the value stored by `convert` (or by ComfyUI's
     ModelSave through the pack), else 16 (both published presets). Other config fields (pe_interpolation,
-    base_size, ...) may be overridden. Absent optional buffers are zero-filled.
+    base_size, ...) may be overridden. Absent optional buffers are zero-filled. `metadata`: as in read_state_dict.
     """
     _check_num_heads(num_heads, _name(source))
-    sd, stored, name = read_state_dict(source, ema=ema)
+    sd, stored, name = read_state_dict(source, ema=ema, metadata=metadata)
     overrides = {k: v for k, v in dict(overrides, num_heads=num_heads).items() if v is not None}
     config = resolve_config(sd, stored, overrides, name)
     with torch.device("meta"):

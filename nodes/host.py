@@ -1,13 +1,19 @@
-"""Dimba inside ComfyUI: the MODEL wrapper, the DIMBA_T5 object and the pack's sampler (imports comfy)."""
+"""Dimba inside ComfyUI: the model config and MODEL ComfyUI builds, the DIMBA_T5 object and the pack's sampler
+(imports comfy)."""
+import contextlib
 import functools
+import inspect
+import logging
 
 import torch
 
 import comfy.conds
 import comfy.latent_formats
+import comfy.lora
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.ops
 import comfy.supported_models_base
 import comfy.utils
@@ -24,6 +30,8 @@ SCHEDULE = {"beta_schedule": "sqrt_linear", "linear_start": 1e-4, "linear_end": 
 DTYPES = {name: weights.torch_dtype(name) for name in weights.DTYPES}
 FP8 = {name: getattr(torch, dtype) for name, dtype in FP8_DTYPES.items()}
 CONFIG_KEY = loader.CONFIG_KEY
+UNET_PREFIX = "model.diffusion_model."  # where ComfyUI checkpoints keep the denoiser (and the pack its config)
+log = logging.getLogger("ComfyUI-Dimba")
 
 
 class FullLoadPatcher(comfy.model_patcher.ModelPatcher):
@@ -36,24 +44,18 @@ class FullLoadPatcher(comfy.model_patcher.ModelPatcher):
         return 0  # ComfyUI then unloads the whole model
 
 
-class DimbaPatcher(comfy.model_patcher.ModelPatcher):
-    """ComfyUI's ModelPatcher, which also patches (LoRA, model merges) the parameters its loader leaves alone:
-    those that are not in a comfy.ops layer (scale_shift_table, the Mamba A_log / D, RMSNorm weights). They are
-    small, so they are patched whole on every load, full or partial; unpatching restores them as usual."""
-
-    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
-        super().load(device_to, lowvram_model_memory=lowvram_model_memory, force_patch_weights=force_patch_weights,
-                     full_load=full_load)
-        for key in list(self.patches):
-            owner = comfy.utils.get_attr(self.model, key.rsplit(".", 1)[0])
-            if key not in self.backup and not hasattr(owner, "comfy_cast_weights"):
-                self.patch_weight_to_device(key, device_to=device_to)
+# ComfyUI >= 0.4 pairs an offloadable cast with a release (CastBiasWeightContext); 0.3.64 has the plain cast only.
+_CAST_CONTEXT = getattr(comfy.ops, "CastBiasWeightContext", None)
+if _CAST_CONTEXT is not None and "offloadable" not in inspect.signature(comfy.ops.cast_bias_weight).parameters:
+    _CAST_CONTEXT = None
 
 
 def _cast_weights(layer, like, bias_dtype=None):
-    """dimba_core's cast_weights hook: the layer's weights as ComfyUI's own forward would use them (LoRA and
-    low-VRAM patches applied, cast to like's dtype and device)."""
-    return comfy.ops.cast_bias_weight(layer, like, bias_dtype=bias_dtype)
+    """dimba_core's cast_weights hook: a context giving the layer's weights as ComfyUI's own forward uses them
+    (LoRA and low-VRAM patches applied, cast to like's dtype and device), released when it exits."""
+    if _CAST_CONTEXT is not None:
+        return _CAST_CONTEXT(layer, like, bias_dtype=bias_dtype, offloadable=True)
+    return contextlib.nullcontext(comfy.ops.cast_bias_weight(layer, like, bias_dtype=bias_dtype))
 
 
 @functools.cache
@@ -65,8 +67,23 @@ def dimba_operations(base):
     return type(f"Dimba_{base.__name__}", (base,), {"Linear": linear, "Conv1d": conv1d})
 
 
+def _text_encoder_target(state_dict):
+    """ComfyUI's PixArt T5-XXL CLIP target when a bundled checkpoint carries T5 weights, else None."""
+    try:
+        import comfy.text_encoders.pixart_t5 as pixart_t5
+    except ImportError:
+        return None
+    if not any(k.startswith(p + "t5xxl.") for k in state_dict for p in DimbaModelConfig.text_encoder_key_prefix):
+        return None
+    return comfy.supported_models_base.ClipTarget(pixart_t5.PixArtTokenizer, pixart_t5.PixArtT5XXL)
+
+
 class DimbaModelConfig(comfy.supported_models_base.BASE):
-    """ComfyUI model config: eps prediction, linear betas 1e-4..0.02 over 1000 steps, SDXL latents."""
+    """ComfyUI model config: eps prediction, linear betas 1e-4..0.02 over 1000 steps, SDXL latents.
+
+    Registered in comfy.supported_models by the pack; its unet_config is the DimbaConfig that the pack's model
+    detection read from the state dict (nodes/integration.py).
+    """
 
     unet_config = {"image_model": "dimba"}
     unet_extra_config = {}
@@ -74,14 +91,34 @@ class DimbaModelConfig(comfy.supported_models_base.BASE):
     latent_format = comfy.latent_formats.SDXL
     memory_usage_factor = 0.5
     supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    text_encoder_key_prefix = ["text_encoders.", "cond_stage_model."]
+
+    @property
+    def dimba_config(self) -> "dimba_core.DimbaConfig":
+        fields = dimba_core.DimbaConfig.__dataclass_fields__
+        return dimba_core.DimbaConfig(**{k: v for k, v in self.unet_config.items() if k in fields})
+
+    def get_model(self, state_dict, prefix="", device=None):
+        return DimbaModel(self, device=device)
+
+    def clip_target(self, state_dict={}):
+        return _text_encoder_target(state_dict)
+
+    def process_unet_state_dict(self, state_dict):
+        """The denoiser's tensors as the model's keys: the config tensor dropped, absent unused buffers zeroed."""
+        state_dict.pop(CONFIG_KEY, None)
+        config = self.dimba_config
+        sizes = {"pos_embed": (1, config.base_size ** 2, config.hidden_size),
+                 "y_embedder.y_embedding": (config.model_max_length, config.caption_channels)}
+        for key, shape in sizes.items():
+            state_dict.setdefault(key, torch.zeros(shape))
+        return state_dict
 
     def process_unet_state_dict_for_saving(self, state_dict):
         """ModelSave / CheckpointSave: ComfyUI's keys plus the Dimba config (num_heads cannot be read from
-        shapes) as a uint8 tensor of JSON, since ComfyUI writes its own file metadata."""
+        shapes) as a uint8 tensor of JSON beside the denoiser's keys, since ComfyUI writes its own metadata."""
         out = super().process_unet_state_dict_for_saving(state_dict)
-        config = dimba_core.DimbaConfig(**{k: v for k, v in self.unet_config.items()
-                                           if k in dimba_core.DimbaConfig.__dataclass_fields__})
-        out[CONFIG_KEY] = loader.config_tensor(config)
+        out[UNET_PREFIX + CONFIG_KEY] = loader.config_tensor(self.dimba_config)
         return out
 
 
@@ -93,7 +130,9 @@ class DimbaDiffusion(torch.nn.Module):
     def __init__(self, image_model=None, dtype=None, device=None, operations=None, **config):
         super().__init__()
         ops = dimba_operations(operations or comfy.ops.disable_weight_init)
-        net = dimba_core.Dimba(dimba_core.DimbaConfig(**config), operations=ops, dtype=dtype, device=device)
+        fields = dimba_core.DimbaConfig.__dataclass_fields__
+        config = dimba_core.DimbaConfig(**{k: v for k, v in config.items() if k in fields})
+        net = dimba_core.Dimba(config, operations=ops, dtype=dtype, device=device)
         object.__setattr__(self, "net", net)  # not a submodule: its children are registered here instead
         for name, child in net.named_children():
             self.add_module(name, child)
@@ -140,38 +179,78 @@ class DimbaModel(comfy.model_base.BaseModel):
         return self.manual_cast_dtype or self.get_dtype()
 
 
-def pick_dtype(weight_dtype, stored, n_params, load_device):
-    """The weight (storage) dtype: the user's choice, or ComfyUI's for this device and model size."""
-    if weight_dtype in FP8 or weight_dtype in DTYPES:
-        dtype = FP8.get(weight_dtype) or DTYPES[weight_dtype]
-        if not mm.supports_cast(load_device, dtype):
-            raise ValueError(f"weight_dtype {weight_dtype}: the {load_device.type} device cannot hold "
-                             f"{str(dtype).replace('torch.', '')} weights (Apple MPS has no float8); pick "
-                             "fp16 or default")
-        return dtype
-    return mm.unet_dtype(model_params=n_params, supported_dtypes=DimbaModelConfig.supported_inference_dtypes,
-                         weight_dtype=stored)
+# Parameters outside comfy.ops layers (scale_shift_table, the Mamba A_log / D, RMSNorm weights): ComfyUI's patchers
+# skip them (they sit on modules with submodules, or on plain leaves the Dynamic VRAM patcher does not patch), so
+# LoRA and merge patches on them are applied here, after every load, in float32 from the unpatched values.
+ON_LOAD_KEY = "dimba_direct_parameters"
 
 
-def load_model(path, weight_dtype="default"):
-    """A Dimba checkpoint as a ComfyUI MODEL, built the way ComfyUI builds its own: layers from the comfy.ops
-    that pick_operations chooses, weights stored in `weight_dtype` and cast at use where compute differs."""
+def _is_ops_key(model, key):
+    owner = comfy.utils.get_attr(model, key.rsplit(".", 1)[0]) if "." in key else model
+    return hasattr(owner, "comfy_cast_weights")
+
+
+def patch_direct_parameters(patcher, *args, **kwargs):
+    """ON_LOAD callback: set every direct (non-ops) parameter and buffer of the Dimba MODEL to its unpatched value
+    with this patcher's patches applied in float32 (float64 stays). Idempotent: it starts from the originals,
+    which are kept (on the CPU) the first time a key is patched."""
+    model = patcher.model
+    originals = model.__dict__.setdefault("dimba_originals", {})
+    keys = [k for k in patcher.patches if k not in originals and not _is_ops_key(model, k)]
+    for key in keys:  # ComfyUI may have patched it already in this load: its backup holds the original
+        source = patcher.backup[key][0] if key in patcher.backup else comfy.utils.get_attr(model, key)
+        originals[key] = source.detach().to("cpu", copy=True)
+    for key, original in originals.items():
+        target = comfy.utils.get_attr(model, key)
+        value = original
+        if patcher.patches.get(key):
+            wide = torch.float64 if original.dtype == torch.float64 else torch.float32
+            value = comfy.lora.calculate_weight(patcher.patches[key], original.to(target.device, wide, copy=True),
+                                                key, intermediate_dtype=wide)
+        with torch.no_grad():
+            target.copy_(value.to(target.dtype))
+
+
+def attach(patcher):
+    """Give a Dimba MODEL's patcher the callback that patches its direct parameters (once; clones copy it)."""
+    if isinstance(getattr(patcher, "model", None), DimbaModel) and \
+            not patcher.get_callbacks(comfy.patcher_extension.CallbacksMP.ON_LOAD, ON_LOAD_KEY):
+        patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_LOAD, ON_LOAD_KEY,
+                                      patch_direct_parameters)
+    return patcher
+
+
+def model_options(weight_dtype, load_device):
+    """ComfyUI's model_options for a weight dtype name (default lets ComfyUI pick for the device and model)."""
+    if weight_dtype in ("default", None):
+        return {}
+    if weight_dtype not in FP8 and weight_dtype not in DTYPES:
+        raise ValueError(f"weight_dtype {weight_dtype!r} is unknown; pick one of default, {', '.join([*FP8, *DTYPES])}")
+    dtype = FP8.get(weight_dtype) or DTYPES[weight_dtype]
+    if not mm.supports_cast(load_device, dtype):
+        raise ValueError(f"weight_dtype {weight_dtype}: the {load_device.type} device cannot hold "
+                         f"{str(dtype).replace('torch.', '')} weights (Apple MPS has no float8); pick "
+                         "fp16 or default")
+    return {"dtype": dtype, **({"fp8_optimizations": True} if weight_dtype == "fp8_e4m3fn_fast" else {})}
+
+
+def load_model(path, weight_dtype="default", disable_dynamic=False):
+    """A Dimba checkpoint as a ComfyUI MODEL, built by ComfyUI's own loader (comfy.sd), as Load Diffusion Model
+    builds it: the pack reads and checks the file (no pickled code runs; a bundled VAE / T5 is skipped), hands
+    ComfyUI the state dict with its config tensor, and ComfyUI picks operations, dtypes and the patcher."""
+    from . import integration
+
     try:
         config, sd = loader.read_checkpoint(path)
     except dimba_core.DimbaLoadError as err:
         raise ValueError(f"not a usable Dimba checkpoint: {err}") from None
-    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
-    dtype = pick_dtype(weight_dtype, sd["x_embedder.proj.weight"].dtype, sum(v.numel() for v in sd.values()),
-                       load_device)
-    model_config = DimbaModelConfig({**DimbaModelConfig.unet_config, **config.to_dict()})
-    model_config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device,
-                                                                model_config.supported_inference_dtypes))
-    if weight_dtype == "fp8_e4m3fn_fast":
-        model_config.optimizations["fp8"] = True
+    sd[CONFIG_KEY] = loader.config_tensor(config)
+    options = model_options(weight_dtype, mm.get_torch_device())
     with torch.inference_mode(False):  # weights a training node (TrainLoraNode) can save for backward
-        model = DimbaModel(model_config, device=offload_device)
-        model.load_model_weights(sd, "")
-    return DimbaPatcher(model, load_device=load_device, offload_device=offload_device)
+        patcher = integration.load_state_dict(sd, options, disable_dynamic=disable_dynamic)
+    if hasattr(patcher, "cached_patcher_init"):  # multi-GPU and non-dynamic clones rebuild it from the file
+        patcher.cached_patcher_init = (load_model, (path, weight_dtype))
+    return attach(patcher)
 
 
 def dimba_network(model) -> dimba_core.Dimba:

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 
 import torch
 
@@ -34,7 +35,7 @@ def setup(comfy_path, repo, models):
     ckpt, t5_dir = f"{models}/checkpoints/dimba_tiny.safetensors", f"{models}/text_encoders/t5_tiny"
     model, t5 = host.load_model(ckpt), host.load_t5(t5_dir, "cpu")
     encode = pack.NODE_CLASS_MAPPINGS["DimbaT5TextEncode"]().encode
-    S.update(tmp=tempfile.mkdtemp(prefix="dimba_in_comfyui_"), models=models, pack=pack, host=host,
+    S.update(tmp=tempfile.mkdtemp(prefix="dimba_in_comfyui_"), models=models, repo=repo, pack=pack, host=host,
              core=importlib.import_module("ComfyUI_Dimba.dimba_core"), ckpt=ckpt,
              t5_dir=t5_dir, model=model, pos=encode(t5, "a cat on a mat")[0], neg=encode(t5, "")[0],
              latent={"samples": torch.randn(2, 4, 24, 40, generator=torch.Generator().manual_seed(1))},
@@ -48,6 +49,23 @@ def error(fn) -> str:
     except Exception as e:
         return f"{type(e).__name__}: {e}"
     raise AssertionError("no error")
+
+
+def run_node(cls, *args, **inputs):
+    """A ComfyUI node called as its executor calls it, V1 (FUNCTION method) or V3 (io.ComfyNode.execute on a
+    prepared class clone); positional inputs take the names of INPUT_TYPES in order. Returns the output tuple."""
+    import asyncio
+    import inspect
+
+    types = cls.INPUT_TYPES()
+    names = [*types.get("required", {}), *types.get("optional", {})]
+    inputs.update(zip(names, args))
+    if hasattr(cls, "PREPARE_CLASS_CLONE"):  # V3 (FUNCTION exists there too, as a compatibility property)
+        out = cls.PREPARE_CLASS_CLONE({"hidden_inputs": {}}).execute(**inputs)
+        out = asyncio.run(out) if inspect.isawaitable(out) else out
+        return tuple(out.args) if hasattr(out, "args") else tuple(out)
+    out = getattr(cls(), cls.FUNCTION)(**inputs)
+    return tuple(out.get("result", ())) if isinstance(out, dict) else tuple(out or ())
 
 
 def ksampler(model, positive, negative, latent, sampler="euler", scheduler="normal", steps=4):
@@ -210,15 +228,30 @@ def test_weight_dtypes():
     model = S["host"].load_model(S["ckpt"], "fp8_e4m3fn")
     assert torch.equal(denoise(model, partial_budget(model)), denoise(model))  # partial loading in fp8 too
     mps = torch.device("mps")  # Apple GPUs cannot hold float8 tensors: a clear error, not one from deep in torch
-    assert "fp16 or default" in error(lambda: S["host"].pick_dtype("fp8_e4m3fn", torch.float32, 10, mps))
-    assert S["host"].pick_dtype("fp16", torch.float32, 10, mps) == torch.float16
+    assert "fp16 or default" in error(lambda: S["host"].model_options("fp8_e4m3fn", mps))
+    assert S["host"].model_options("fp16", mps) == {"dtype": torch.float16}
     from comfy_extras.nodes_model_merging import ModelSave
 
-    saver = ModelSave()  # an fp8 MODEL saves fp8 weights, which load again
-    saver.output_dir = S["tmp"]
-    saver.save(model, "dimba_fp8")
+    save_model(ModelSave, model, "dimba_fp8")  # an fp8 MODEL saves fp8 weights, which load again
     back = S["host"].load_model(os.path.join(S["tmp"], "dimba_fp8_00001_.safetensors"))
     assert torch.equal(denoise(back), denoise(model))
+
+
+def run_saving_node(node, folder, *args, **inputs):
+    """A saving node (ModelSave, CheckpointSave, SaveLoRA; V1 or V3) writing into `folder`."""
+    import folder_paths
+
+    output = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(folder)
+    try:
+        return run_node(node, *args, **inputs)
+    finally:
+        folder_paths.set_output_directory(output)
+
+
+def save_model(node, model, prefix, **inputs):
+    """ModelSave / CheckpointSave writing into the test's folder."""
+    run_saving_node(node, S["tmp"], model=model, filename_prefix=prefix, **inputs)
 
 
 def lora_targets():
@@ -336,9 +369,9 @@ def test_train_lora_node_save_and_load_back():
     latents = latents + 0.1 * torch.randn(latents.shape, generator=g)
     with torch.inference_mode():  # as ComfyUI runs nodes
         model = S["host"].load_model(S["ckpt"])
-        trained, lora, loss, steps = TrainLoraNode().train(
-            model, {"samples": latents}, S["pos"], 4, 30, 1, 3e-3, 4, "AdamW", "MSE", 0, "bf16", "fp32", "LoRA",
-            True, "[None]")
+        trained, lora, loss, steps = run_node(
+            TrainLoraNode, model, {"samples": latents}, S["pos"], 4, 30, 1, 3e-3, 4, "AdamW", "MSE", 0, "bf16",
+            "fp32", "LoRA", True, "[None]")
     assert steps == 30 and len(loss["loss"]) == 30
     mamba = [k for k in lora if ".mixer." in k and k.endswith("lora_up.weight")]
     assert {k.split(".mixer.")[1].split(".")[0] for k in mamba} >= {"in_proj", "out_proj", "x_proj", "x_proj_b",
@@ -368,9 +401,7 @@ def test_train_lora_node_save_and_load_back():
     loras = os.path.join(S["tmp"], "loras")
     os.makedirs(loras, exist_ok=True)
     folder_paths.add_model_folder_path("loras", loras)
-    saver = SaveLoRA()
-    saver.output_dir = loras
-    saver.save(lora, "dimba_lora", steps)
+    run_saving_node(SaveLoRA, loras, lora, "dimba_lora", steps)
     name = next(f for f in os.listdir(loras) if f.startswith("dimba_lora_30_steps"))
     fresh = S["host"].load_model(S["ckpt"])
     loaded = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(fresh, name, 1.0)[0]
@@ -402,23 +433,21 @@ def test_model_save_and_checkpoint_save_load_back():
     from comfy_extras.nodes_model_merging import CheckpointSave, ModelSave
 
     model = S["host"].load_model(S["ckpt"])
-    saver, bundler = ModelSave(), CheckpointSave()
-    saver.output_dir = bundler.output_dir = S["tmp"]
-    saver.save(model, "diffusion_models/dimba_saved")
+    save_model(ModelSave, model, "diffusion_models/dimba_saved")
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(f"{S['models']}/vae/dimba_tiny_vae.safetensors"))
     encoder = torch.nn.Linear(4, 4)  # a stand-in text encoder: CheckpointSave needs a CLIP, Dimba uses DIMBA_T5
     clip = types.SimpleNamespace(get_sd=encoder.state_dict, load_model=lambda: comfy.model_patcher.ModelPatcher(
         encoder, torch.device("cpu"), torch.device("cpu")))
-    bundler.save(model, clip, vae, "checkpoints/dimba_bundled")
+    save_model(CheckpointSave, model, "checkpoints/dimba_bundled", clip=clip, vae=vae)
     want = denoise(model)
     for path in ("diffusion_models/dimba_saved_00001_.safetensors", "checkpoints/dimba_bundled_00001_.safetensors"):
         keys = comfy.utils.load_torch_file(os.path.join(S["tmp"], path)).keys()
-        assert "dimba_config" in keys and any(k.startswith("model.diffusion_model.") for k in keys), path
+        assert "model.diffusion_model.dimba_config" in keys, path  # the config stays with the denoiser's keys
         back = S["host"].load_model(os.path.join(S["tmp"], path))
         assert back.model.diffusion_model.config == model.model.diffusion_model.config  # num_heads 4, not 16
         assert torch.equal(denoise(back), want), path
-    assert any(k.startswith("first_stage_model.") for k in keys) and any(k.startswith("cond_stage_model.")
-                                                                          for k in keys)
+    assert any(k.startswith("first_stage_model.") for k in keys) and any(k.startswith("text_encoders.")
+                                                                          for k in keys)  # PixArt's layout
 
 
 def test_model_merge_simple():
@@ -432,8 +461,136 @@ def test_model_merge_simple():
     merged = {k: ratio * base[k] + (1 - ratio) * other[k] for k in base}
     want = denoise(S["host"].load_model(saved_checkpoint(merged, "hand_merged.safetensors")))
     a, b = S["host"].load_model(S["ckpt"]), S["host"].load_model(saved_checkpoint(other, "other.safetensors"))
-    got = ModelMergeSimple().merge(a, b, ratio)[0]
+    got = run_node(ModelMergeSimple, a, b, ratio)[0]
     assert rel(denoise(got), want) < 1e-5 and rel(denoise(got, partial_budget(got)), want) < 1e-5
+
+
+def meta_state_dict(module):
+    """Keys and shapes of a module built on the meta device (no memory), as a state dict for model detection."""
+    return dict(module.state_dict())
+
+
+def dimba_l2_state_dict(dtype=torch.bfloat16):
+    """A Dimba-L-2 state dict with the published keys and shapes (../shared/fixtures manifest), zero-filled."""
+    import json
+
+    manifest = json.loads(open(os.path.join(S["repo"], "..", "shared", "fixtures", "dimba_official_keys.json")).read())
+    return {k: torch.zeros(shape, dtype=dtype) for k, shape in manifest["Dimba-L-2"]["keys"].items()}
+
+
+def test_stock_loaders_build_the_dimba_model():
+    """Load Diffusion Model (every weight_dtype) on the .safetensors and on a published-style .pt, Load Checkpoint on
+    a CheckpointSave file and ModelSave -> Load Diffusion Model give DimbaCheckpointLoader's MODEL and output."""
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.utils
+    import folder_paths
+    import nodes as comfy_nodes
+    from comfy_extras.nodes_model_merging import CheckpointSave, ModelSave
+
+    host, core = S["host"], S["core"]
+    diffusion = os.path.join(S["tmp"], "diffusion_models")
+    os.makedirs(diffusion, exist_ok=True)
+    os.symlink(S["ckpt"], os.path.join(diffusion, "dimba_tiny.safetensors"))
+    config, sd = core.loader.read_checkpoint(S["ckpt"])
+    torch.save({"state_dict": sd}, os.path.join(diffusion, "dimba_tiny.pt"))  # the published layout
+    folder_paths.add_model_folder_path("diffusion_models", diffusion)
+    folder_paths.add_model_folder_path("checkpoints", os.path.join(S["tmp"], "checkpoints"))
+    unet_dtypes = comfy_nodes.UNETLoader.INPUT_TYPES()["required"]["weight_dtype"][0]
+    for weight_dtype in unet_dtypes:
+        ours = host.load_model(S["ckpt"], weight_dtype)
+        stock = run_node(comfy_nodes.UNETLoader, "dimba_tiny.safetensors", weight_dtype)[0]
+        assert isinstance(stock.model, host.DimbaModel), type(stock.model)
+        assert stock.model.diffusion_model.config == config  # num_heads 4 from the file's metadata
+        assert stock.model.get_dtype() == ours.model.get_dtype(), weight_dtype
+        assert torch.equal(denoise(stock), denoise(ours)), weight_dtype
+    pt = run_node(comfy_nodes.UNETLoader, "dimba_tiny.pt", "default")[0]
+    assert torch.equal(denoise(pt), denoise(host.load_model(os.path.join(diffusion, "dimba_tiny.pt"))))
+    model = host.load_model(S["ckpt"])
+    want = denoise(model)
+    save_model(ModelSave, model, "diffusion_models/dimba_resaved")
+    back = run_node(comfy_nodes.UNETLoader, "dimba_resaved_00001_.safetensors", "default")[0]
+    assert back.model.diffusion_model.config == config and torch.equal(denoise(back), want)
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(f"{S['models']}/vae/dimba_tiny_vae.safetensors"))
+    encoder = torch.nn.Linear(4, 4)  # a stand-in text encoder (not T5: Load Checkpoint gives no CLIP for it)
+    clip = types.SimpleNamespace(get_sd=encoder.state_dict, state_dict_for_saving=encoder.state_dict,
+                                 load_model=lambda: comfy.model_patcher.ModelPatcher(encoder, torch.device("cpu"),
+                                                                                     torch.device("cpu")))
+    save_model(CheckpointSave, model, "checkpoints/dimba_bundle", clip=clip, vae=vae)
+    bundled = run_node(comfy_nodes.CheckpointLoaderSimple, "dimba_bundle_00001_.safetensors")
+    assert isinstance(bundled[0].model, host.DimbaModel) and bundled[2] is not None
+    assert bundled[0].model.diffusion_model.config == config and torch.equal(denoise(bundled[0]), want)
+
+
+def test_stock_detection_of_dimba_pixart_sd_and_flux():
+    """ComfyUI's model detection: Dimba-L-2 and the tiny Dimba are Dimba, PixArt / SD1.5 / Flux state dicts are
+    what they were; a Dimba-L-2-shaped state dict loads through Load Diffusion Model's path with no key left over."""
+    import comfy.ldm.flux.model
+    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+    import comfy.ldm.pixart.pixartms
+    import comfy.model_detection
+    import comfy.ops
+    import comfy.sd
+    import comfy.supported_models as sm
+    import comfy.utils
+
+    host = S["host"]
+    detect = comfy.model_detection.model_config_from_unet
+    big = dimba_l2_state_dict()
+    found = detect(big, "")
+    assert isinstance(found, host.DimbaModelConfig)
+    assert (found.unet_config["hidden_size"], found.unet_config["depth"], found.unet_config["dt_rank"],
+            found.unet_config["num_heads"]) == (1152, 28, 72, 16)
+    tiny = comfy.utils.load_torch_file(S["ckpt"])
+    assert isinstance(detect(tiny, ""), host.DimbaModelConfig)
+    ops = comfy.ops.disable_weight_init
+    pixart = comfy.ldm.pixart.pixartms.PixArtMS(depth=28, num_heads=16, patch_size=2, hidden_size=1152,
+                                                pe_interpolation=1, model_max_length=300, device="meta",
+                                                operations=ops)
+    assert type(detect(meta_state_dict(pixart), "")) in (sm.PixArtAlpha, sm.PixArtSigma)  # PixArt, as before
+    sd15 = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+                channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
+                transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], num_heads=8, context_dim=768,
+                use_spatial_transformer=True, use_linear_in_transformer=False, legacy=False, adm_in_channels=None)
+    unet = openaimodel.UNetModel(**sd15, device="meta", operations=ops)
+    assert type(detect(meta_state_dict(unet), "")) is sm.SD15
+    flux = comfy.ldm.flux.model.Flux(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+                                     hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
+                                     axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=True,
+                                     image_model="flux", patch_size=2, device="meta", operations=ops)
+    assert type(detect(meta_state_dict(flux), "")) in (sm.Flux, sm.FluxInpaint)
+    loaded = comfy.sd.load_diffusion_model_state_dict(big, model_options={"dtype": torch.bfloat16})
+    assert isinstance(loaded.model, host.DimbaModel) and not big  # every key consumed, none left over
+    assert loaded.model.diffusion_model.net.x_embedder.proj.weight.shape == (1152, 4, 2, 2)
+    del loaded
+
+
+def test_stock_loaders_name_dimba_when_the_hooks_are_missing():
+    """Where ComfyUI's internals differ, the stock loaders refuse a Dimba file naming DimbaCheckpointLoader (never
+    PixArt), other files load as before, and DimbaCheckpointLoader's own build gives the same MODEL."""
+    import comfy.model_detection
+    import comfy.utils
+
+    integration = importlib.import_module("ComfyUI_Dimba.nodes.integration")
+    assert integration.STATE["installed"] and not integration.missing_internals()
+    original = inspect_unwrap(comfy.model_detection.detect_unet_config)
+    refusing = integration._refusing(original)
+    message = error(lambda: refusing(comfy.utils.load_torch_file(S["ckpt"]), ""))
+    assert "Dimba" in message and "DimbaCheckpointLoader" in message, message
+    flux_like = {"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(1)}
+    assert refusing(flux_like, "") == original(flux_like, "")  # others unchanged
+    config, sd = S["core"].loader.read_checkpoint(S["ckpt"])
+    sd[integration.CONFIG_KEY] = S["core"].loader.config_tensor(config)
+    built = integration._build(dict(sd), {})
+    assert torch.equal(denoise(S["host"].attach(built)), denoise(S["host"].load_model(S["ckpt"])))
+    assert "0.3.64 or newer" in error(lambda: integration.check_version((0, 3, 40)))
+    integration.check_version((0, 38, 1))
+
+
+def inspect_unwrap(fn):
+    import inspect
+
+    return inspect.unwrap(fn)
 
 
 SLOW = ("test_torch_compile_model",)

@@ -114,9 +114,9 @@ def test_meta_construction_allocates_nothing():
         model = Dimba(DimbaConfig(**CFG), operations=CAST_OPS, dtype=torch.bfloat16, device="meta")
     assert seen.devices == {"meta"}
     dtypes = {k: t.dtype for k, t in model.state_dict().items()}
-    ssm = {k for k in dtypes if k.rsplit(".", 1)[-1] in SSM or k.endswith(("dt_proj.bias", "dt_proj_b.bias"))}
-    assert len(ssm) == 6 * CFG["depth"] and all(t.is_meta for t in model.state_dict().values())
-    assert {dtypes[k] for k in ssm} == {torch.float32}  # the Mamba SSM parameters: float32 in every dtype
+    ssm = {k for k in dtypes if k.rsplit(".", 1)[-1] in SSM or ".dt_proj" in k}
+    assert len(ssm) == 8 * CFG["depth"] and all(t.is_meta for t in model.state_dict().values())
+    assert {dtypes[k] for k in ssm} == {torch.float32}  # the SSM parameters and delta projection: float32 always
     assert {dtypes[k] for k in set(dtypes) - ssm} == {torch.bfloat16}
 
 
@@ -156,3 +156,60 @@ def test_cast_to_is_a_no_op_when_dtype_and_device_match():
     w, x = torch.randn(3), torch.randn(2)
     assert cast_to(w, x) is w and cast_to(None, x) is None
     assert cast_to(w.half(), x).dtype == torch.float32 and cast_to(w, x, torch.float64).dtype == torch.float64
+
+
+class LazyLinear(nn.Linear):
+    """ComfyUI's Dynamic VRAM rule for Linear (its newest comfy/ops.py): built holding no tensors, the state
+    dict's tensors become the parameters at load time, in the file's dtype (not the constructor's)."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.wants_bias = in_features, out_features, bias
+        self.weight = self.bias = None
+        self.weight_comfy_model_dtype = dtype
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        for name in ("weight", "bias"):
+            value = state_dict.get(prefix + name)
+            if value is not None:
+                value = value if local_metadata.get("assign_to_params_buffers") else value.clone()
+                setattr(self, name, nn.Parameter(value, requires_grad=False))
+            elif name == "weight" or self.wants_bias:
+                missing.append(prefix + name)
+
+    def forward(self, x):
+        return F.linear(x, *_cast_params(self, x))
+
+
+LAZY_OPS = types.SimpleNamespace(Linear=LazyLinear, Conv1d=CastConv1d, Conv2d=CastConv2d, LayerNorm=CastLayerNorm)
+
+
+@pytest.mark.parametrize("file_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["torch", "parallel"])
+def test_layers_built_empty_and_filled_by_load_state_dict(file_dtype, backend):
+    """Dimba from an operations namespace whose Linear layers start empty (ComfyUI's Dynamic VRAM): the
+    constructor reads no layer parameter, load_state_dict fills them, the SSM tensors arrive as float32, and
+    the output equals the eager model holding the same values."""
+    sd = {k: v.to(file_dtype) for k, v in reference(backend).state_dict().items()}
+    model = Dimba(DimbaConfig(**CFG), scan_backend=backend, operations=LAZY_OPS, dtype=torch.float16)
+    assert model.blocks[0].attn.qkv.weight is None and model.mamba_blocks[0].mixer.dt_proj.bias is None
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not missing and not unexpected
+    mixer = model.mamba_blocks[0].mixer
+    assert mixer.in_proj.weight.dtype == file_dtype  # the file's dtype, as ComfyUI's lazy layers keep it
+    assert {mixer.dt_proj.weight.dtype, mixer.dt_proj_b.bias.dtype, mixer.A_log.dtype} == {torch.float32}
+    ref = reference(backend)
+    ref.load_state_dict({k: v.float() for k, v in model.state_dict().items()})  # the values the model holds
+    model.eval().compute_dtype = torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(model(*inputs()), ref(*inputs()), rtol=1e-6, atol=1e-6)
+
+
+def test_assign_load_keeps_the_ssm_parameters_float32():
+    """load_state_dict(assign=True) (ComfyUI's dynamic loads) takes the file's tensors, but SSM ones as float32."""
+    sd = {k: v.half() for k, v in reference().state_dict().items()}
+    model = Dimba(DimbaConfig(**CFG), dtype=torch.float16, device="meta")
+    model.load_state_dict(sd, assign=True)
+    mixer = model.mamba_blocks[1].mixer
+    assert {mixer.A_b_log.dtype, mixer.D.dtype, mixer.dt_proj_b.weight.dtype, mixer.dt_proj.bias.dtype} == {torch.float32}
+    assert mixer.in_proj.weight.dtype == model.blocks[0].scale_shift_table.dtype == torch.float16
