@@ -49,7 +49,7 @@ def layer_weights(layer: nn.Module, like: torch.Tensor, bias_dtype: torch.dtype 
 
     A layer from an operations namespace may supply them itself through a `cast_weights(like, bias_dtype)`
     method returning such a context manager: ComfyUI's layers do, so that their LoRA and low-VRAM weight patches
-    apply here too and streamed weights are released after use.
+    apply here too and streamed weights are released after their last use (inside the `with` block).
     """
     hook = getattr(layer, "cast_weights", None)
     if hook is not None:
@@ -125,68 +125,68 @@ class BiMambaMixer(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         backend = self.backend_for(hidden)
-        with contextlib.ExitStack() as held:  # weights read directly stay valid until the mixer is done
-            weights = lambda layer, like, bias_dtype=None: held.enter_context(  # noqa: E731
-                layer_weights(layer, like, bias_dtype))
-            if backend == "triton":
-                return self._forward_fused(hidden, weights)
-            if backend == "parallel":
-                return self._forward_stacked(hidden, weights)
-            xz = self.in_proj(hidden).transpose(1, 2)  # b, 2d, L
-            x, z = xz.chunk(2, dim=1)
-            y = self._scan(x, z, "", backend, weights)
-            y = y + self._scan(x.flip(-1), z.flip(-1), "_b", backend, weights).flip(-1)
-            return self.out_proj(y.transpose(1, 2))
+        if backend == "triton":
+            return self._forward_fused(hidden)
+        if backend == "parallel":
+            return self._forward_stacked(hidden)
+        xz = self.in_proj(hidden).transpose(1, 2)  # b, 2d, L
+        x, z = xz.chunk(2, dim=1)
+        y = self._scan(x, z, "", backend)
+        y = y + self._scan(x.flip(-1), z.flip(-1), "_b", backend).flip(-1)
+        return self.out_proj(y.transpose(1, 2))
 
-    def _scan(self, x, z, suffix: str, backend: str, weights) -> torch.Tensor:
+    def _scan(self, x, z, suffix: str, backend: str) -> torch.Tensor:
         """One direction: causal conv + SiLU, input-dependent (dt, B, C), selective scan, D skip, SiLU(z) gate."""
         conv, x_proj, dt_proj = (getattr(self, n + suffix) for n in ("conv1d", "x_proj", "dt_proj"))
         A_log, D = (self.A_log, self.D) if suffix == "" else (self.A_b_log, self.D_b)
-        conv_w, conv_b = weights(conv, x)
-        x = ops.causal_conv1d(x.contiguous(), conv_w.squeeze(1), conv_b, backend)
+        with layer_weights(conv, x) as (conv_w, conv_b):
+            x = ops.causal_conv1d(x.contiguous(), conv_w.squeeze(1), conv_b, backend)
         dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt_w, dt_b = weights(dt_proj, dt, wide(x.dtype))
-        delta = F.linear(dt, dt_w).transpose(1, 2)
-        scan = ops.SCANS[backend]
-        return scan(x, delta.contiguous(), -torch.exp(_wide_like(A_log, x)), B.transpose(1, 2).contiguous(),
-                    C.transpose(1, 2).contiguous(), _wide_like(D, x), z.contiguous(),
-                    delta_bias=dt_b, delta_softplus=True)
+        with layer_weights(dt_proj, dt, wide(x.dtype)) as (dt_w, dt_b):
+            delta = F.linear(dt, dt_w).transpose(1, 2)
+            scan = ops.SCANS[backend]
+            return scan(x, delta.contiguous(), -torch.exp(_wide_like(A_log, x)), B.transpose(1, 2).contiguous(),
+                        C.transpose(1, 2).contiguous(), _wide_like(D, x), z.contiguous(),
+                        delta_bias=dt_b, delta_softplus=True)
 
-    def _forward_stacked(self, hidden: torch.Tensor, weights) -> torch.Tensor:
+    def _forward_stacked(self, hidden: torch.Tensor) -> torch.Tensor:
         """Both directions as one problem (direction, batch, ...): one grouped conv, batched projections, one scan."""
         b, length = hidden.shape[:2]
         d, split = self.d_inner, [self.dt_rank, self.d_state, self.d_state]
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # b, d, L
         pair = lambda fwd, bwd: torch.stack([fwd, bwd])[:, None]  # noqa: E731  (direction, 1, ...)
         f = lambda t: _wide_like(t, x)  # noqa: E731  (A, D: float32 on x's device)
-        (cw, cb), (cw_b, cb_b) = weights(self.conv1d, x), weights(self.conv1d_b, x)
-        conv = ops.causal_conv1d(torch.cat([x, x.flip(-1)], dim=1), torch.cat([cw, cw_b]).squeeze(1),
-                                 torch.cat([cb, cb_b]), "torch")
+        with layer_weights(self.conv1d, x) as (cw, cb), layer_weights(self.conv1d_b, x) as (cw_b, cb_b):
+            conv = ops.causal_conv1d(torch.cat([x, x.flip(-1)], dim=1), torch.cat([cw, cw_b]).squeeze(1),
+                                     torch.cat([cb, cb_b]), "torch")
         xs = conv.view(b, 2, d, length).transpose(0, 1)  # 2, b, d, L: the backward one on the reversed sequence
-        x_w, x_w_b = weights(self.x_proj, x)[0], weights(self.x_proj_b, x)[0]
-        dt, B, C = torch.matmul(pair(x_w, x_w_b), xs).split(split, dim=2)
-        (dt_w, dt_b), (dt_w_b, dt_b_b) = (weights(p, x, wide(x.dtype)) for p in (self.dt_proj, self.dt_proj_b))
-        delta = F.softplus(_fp32(torch.matmul(pair(dt_w, dt_w_b), dt)) + pair(dt_b, dt_b_b)[..., None])  # 2, b, d, L
+        with layer_weights(self.x_proj, x) as (x_w, _), layer_weights(self.x_proj_b, x) as (x_w_b, _):
+            dt, B, C = torch.matmul(pair(x_w, x_w_b), xs).split(split, dim=2)
+        with layer_weights(self.dt_proj, x, wide(x.dtype)) as (dt_w, dt_b), \
+                layer_weights(self.dt_proj_b, x, wide(x.dtype)) as (dt_w_b, dt_b_b):
+            delta = F.softplus(_fp32(torch.matmul(pair(dt_w, dt_w_b), dt)) + pair(dt_b, dt_b_b)[..., None])  # 2, b, d, L
         A = -torch.exp(pair(f(self.A_log), f(self.A_b_log)))
         y = ops.selective_scan_parallel(xs, delta, A, B, C, pair(f(self.D), f(self.D_b)))
         return self.out_proj(((y[0] + y[1].flip(-1)) * F.silu(z)).transpose(1, 2))  # the gate shared by both
 
-    def _forward_fused(self, hidden: torch.Tensor, weights) -> torch.Tensor:
+    def _forward_fused(self, hidden: torch.Tensor) -> torch.Tensor:
         """Both directions without flips or transposed copies: one bidirectional conv and one fused scan launch."""
         from .ops.triton_scan import bidirectional_conv1d_silu, bidirectional_selective_scan_triton
 
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # b, d, L views of (b, L, 2d)
         f = lambda t: _wide_like(t, x)  # noqa: E731  (A, D: float32 on x's device)
-        (cw, cb), (cw_b, cb_b) = weights(self.conv1d, x), weights(self.conv1d_b, x)
-        x_f, x_b = bidirectional_conv1d_silu(x, cw.squeeze(1), cb, cw_b.squeeze(1), cb_b)
+        with layer_weights(self.conv1d, x) as (cw, cb), layer_weights(self.conv1d_b, x) as (cw_b, cb_b):
+            x_f, x_b = bidirectional_conv1d_silu(x, cw.squeeze(1), cb, cw_b.squeeze(1), cb_b)
         split = [self.dt_rank, self.d_state, self.d_state]
         dt_f, B_f, C_f = self.x_proj(x_f.transpose(1, 2)).split(split, dim=-1)
         dt_b, B_b, C_b = self.x_proj_b(x_b.transpose(1, 2)).split(split, dim=-1)
-        (w_f, bias_f), (w_b, bias_b) = (weights(p, x, wide(x.dtype)) for p in (self.dt_proj, self.dt_proj_b))
         t = lambda v: v.transpose(1, 2)  # noqa: E731  (b, L, c) -> (b, c, L) view
-        y = bidirectional_selective_scan_triton(
-            x_f, x_b, t(F.linear(dt_f, w_f)), t(F.linear(dt_b, w_b)), -torch.exp(f(self.A_log)),
-            -torch.exp(f(self.A_b_log)), t(B_f), t(B_b), t(C_f), t(C_b), f(self.D), f(self.D_b), z, bias_f, bias_b)
+        with layer_weights(self.dt_proj, x, wide(x.dtype)) as (w_f, bias_f), \
+                layer_weights(self.dt_proj_b, x, wide(x.dtype)) as (w_b, bias_b):
+            y = bidirectional_selective_scan_triton(
+                x_f, x_b, t(F.linear(dt_f, w_f)), t(F.linear(dt_b, w_b)), -torch.exp(f(self.A_log)),
+                -torch.exp(f(self.A_b_log)), t(B_f), t(B_b), t(C_f), t(C_b), f(self.D), f(self.D_b), z, bias_f,
+                bias_b)
         return self.out_proj(y.transpose(1, 2))
 
 
