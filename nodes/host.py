@@ -160,6 +160,7 @@ class DimbaModel(comfy.model_base.BaseModel):
 
     def __init__(self, model_config, device=None):
         super().__init__(model_config, comfy.model_base.ModelType.EPS, device=device, unet_model=DimbaDiffusion)
+        self.diffusion_model.requires_grad_(False)  # as ComfyUI >= 0.4 does for every model (training adds adapters)
 
     def extra_conds(self, **kwargs):
         out = super().extra_conds(**kwargs)

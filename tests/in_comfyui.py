@@ -452,6 +452,7 @@ def test_model_save_and_checkpoint_save_load_back():
 
 def test_model_merge_simple():
     """ModelMergeSimple of two Dimba MODELs equals the hand-merged weights."""
+    import comfy.utils
     from comfy_extras.nodes_model_merging import ModelMergeSimple
 
     base = S["core"].loader.read_checkpoint(S["ckpt"])[1]
@@ -463,6 +464,14 @@ def test_model_merge_simple():
     a, b = S["host"].load_model(S["ckpt"]), S["host"].load_model(saved_checkpoint(other, "other.safetensors"))
     got = run_node(ModelMergeSimple, a, b, ratio)[0]
     assert rel(denoise(got), want) < 1e-5 and rel(denoise(got, partial_budget(got)), want) < 1e-5
+    got.patch_model(torch.device("cpu"), load_weights=True)  # the float32 parameters outside comfy.ops layers:
+    try:  # merged in float32 (ComfyUI >= 0.4 would patch them in fp16 on GPUs, or not at all)
+        for key in ("mamba_blocks.0.mixer.A_log", "mamba_blocks.1.mixer.D_b", "blocks.0.scale_shift_table",
+                    "mamba_blocks.0.norm.weight"):
+            value = comfy.utils.get_attr(got.model.diffusion_model, key)
+            assert value.dtype == torch.float32 and rel(value, merged[key]) < 1e-6, key
+    finally:
+        got.unpatch_model(torch.device("cpu"), unpatch_weights=True)
 
 
 def meta_state_dict(module):
@@ -585,6 +594,111 @@ def test_stock_loaders_name_dimba_when_the_hooks_are_missing():
     assert torch.equal(denoise(S["host"].attach(built)), denoise(S["host"].load_model(S["ckpt"])))
     assert "0.3.64 or newer" in error(lambda: integration.check_version((0, 3, 40)))
     integration.check_version((0, 38, 1))
+
+
+class DynamicVramEmulation:
+    """ComfyUI 0.38's Dynamic VRAM contracts inside 0.3.64, after the rule in its newest comfy/ops.py: a
+    comfy.ops Linear / Embedding that keeps the base _load_from_state_dict is built holding no tensors and takes
+    the state dict's tensors, in the file's dtype, at load time; models load with assign=True."""
+
+    def __enter__(self):
+        import comfy.model_base
+        import comfy.ops
+
+        ops = comfy.ops.disable_weight_init
+        self.saved = [(cls, name, cls.__dict__.get(name)) for cls in (ops.Linear, ops.Embedding)
+                      for name in ("__init__", "_load_from_state_dict")]
+        self.saved.append((comfy.model_base.BaseModel, "load_model_weights",
+                           comfy.model_base.BaseModel.__dict__["load_model_weights"]))
+
+        def lazy(cls, shape_of):
+            def __init__(self, *args, device=None, dtype=None, **kwargs):
+                if type(self)._load_from_state_dict is not cls._load_from_state_dict:  # a custom loader: eager
+                    return super(cls, self).__init__(*args, device=device, dtype=dtype, **kwargs)
+                torch.nn.Module.__init__(self)
+                self.lazy_args, self.lazy_kwargs = args, kwargs
+                for i, name in enumerate(shape_of):
+                    setattr(self, name, args[i] if i < len(args) else kwargs.get(name))
+                self.weight = self.bias = None
+                self.wants_bias = kwargs.get("bias", args[2] if len(args) > 2 else True) if cls is ops.Linear else False
+                self.weight_comfy_model_dtype = self.bias_comfy_model_dtype = dtype
+
+            def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+                if not hasattr(self, "lazy_args"):
+                    return super(cls, self)._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing,
+                                                                  unexpected, errors)
+                assign = local_metadata.get("assign_to_params_buffers", False)
+                for key, value in state_dict.items():
+                    name = key[len(prefix):]
+                    if name in ("weight", "bias") and value is not None:
+                        setattr(self, name, torch.nn.Parameter(value if assign else value.clone(), requires_grad=False))
+                    else:
+                        unexpected.append(key)
+                for name in ("weight", "bias") if self.wants_bias else ("weight",):
+                    if getattr(self, name) is None:
+                        missing.append(prefix + name)
+
+            cls.__init__, cls._load_from_state_dict = __init__, _load_from_state_dict
+
+        lazy(ops.Linear, ("in_features", "out_features"))
+        lazy(ops.Embedding, ("num_embeddings", "embedding_dim"))
+
+        def load_model_weights(model, sd, unet_prefix=""):  # 0.38: assign=patcher.is_dynamic()
+            to_load = {k[len(unet_prefix):]: sd.pop(k) for k in list(sd) if k.startswith(unet_prefix)}
+            to_load = model.model_config.process_unet_state_dict(to_load)
+            model.diffusion_model.load_state_dict(to_load, strict=False, assign=True)
+            return model
+
+        comfy.model_base.BaseModel.load_model_weights = load_model_weights
+        return self
+
+    def __exit__(self, *exc):
+        for cls, name, value in self.saved:
+            if value is None:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, value)
+
+
+def test_dynamic_vram_lazy_layers_give_the_eager_results():
+    """Under the emulated Dynamic VRAM contracts: DimbaCheckpointLoader and Load Diffusion Model in each
+    weight_dtype, LoRA (attention, Mamba and an A_log patch), partial loading and KSampler give the eager results
+    (equal where the storage dtype is float32; within the dtype's tolerance where 0.38 would cast at streaming)."""
+    import comfy.sd
+    import nodes as comfy_nodes
+
+    host = S["host"]
+    g = torch.Generator().manual_seed(11)
+    lora = {"diffusion_model.blocks.0.attn.qkv.lora_up.weight": 0.1 * torch.randn(192, 4, generator=g),
+            "diffusion_model.blocks.0.attn.qkv.lora_down.weight": 0.1 * torch.randn(4, 64, generator=g),
+            "diffusion_model.mamba_blocks.0.mixer.in_proj.lora_up.weight": 0.1 * torch.randn(256, 4, generator=g),
+            "diffusion_model.mamba_blocks.0.mixer.in_proj.lora_down.weight": 0.1 * torch.randn(4, 64, generator=g),
+            "diffusion_model.mamba_blocks.0.mixer.A_log.diff": 0.01 * torch.randn(128, 16, generator=g),
+            "diffusion_model.blocks.1.scale_shift_table.diff": 0.01 * torch.randn(6, 64, generator=g)}
+
+    def outputs(model):
+        patched = comfy.sd.load_lora_for_models(model, None, lora, 0.7, 0)[0]
+        latent = torch.zeros(1, 4, 16, 24)
+        return (denoise(model), denoise(patched), denoise(patched, partial_budget(patched)),
+                ksampler(patched, S["pos"], S["neg"], latent, steps=3))
+
+    limits = {"fp16": 2e-3, "bf16": 1e-2, "fp8_e4m3fn": 8e-2, "fp8_e4m3fn_fast": 8e-2, "fp8_e5m2": 0.15}
+    for weight_dtype in ("default", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"):
+        eager = outputs(host.load_model(S["ckpt"], weight_dtype))
+        with DynamicVramEmulation():
+            model = host.load_model(S["ckpt"], weight_dtype)
+            assert model.model.diffusion_model.blocks[0].attn.qkv.lazy_args  # built empty, filled at load
+            mixer = model.model.diffusion_model.mamba_blocks[0].mixer
+            assert {mixer.A_log.dtype, mixer.dt_proj.weight.dtype, mixer.dt_proj.bias.dtype} == {torch.float32}
+            lazy = outputs(model)
+            if weight_dtype in comfy_nodes.UNETLoader.INPUT_TYPES()["required"]["weight_dtype"][0]:
+                stock = comfy.sd.load_diffusion_model(S["ckpt"], host.model_options(weight_dtype, torch.device("cpu")))
+                assert torch.equal(denoise(stock), lazy[0])
+        for got, want in zip(lazy, eager):
+            err = rel(got, want)
+            print(f"dynamic VRAM emulation, {weight_dtype}: relative difference {err:.1e} from the eager load")
+            assert torch.isfinite(got).all() and err <= limits.get(weight_dtype, 1e-6), (weight_dtype, err)
+    assert rel(eager[1], eager[0]) > 1e-3  # the LoRA (incl. the A_log and table patches) changed the output
 
 
 def inspect_unwrap(fn):
