@@ -13,8 +13,8 @@ import comfy.lora
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
-import comfy.patcher_extension
 import comfy.ops
+import comfy.patcher_extension
 import comfy.supported_models_base
 import comfy.utils
 import latent_preview
@@ -32,6 +32,7 @@ FP8 = {name: getattr(torch, dtype) for name, dtype in FP8_DTYPES.items()}
 CONFIG_KEY = loader.CONFIG_KEY
 UNET_PREFIX = "model.diffusion_model."  # where ComfyUI checkpoints keep the denoiser (and the pack its config)
 log = logging.getLogger("ComfyUI-Dimba")
+NATIVE_LOADING = False  # set by integration.install() once Dimba is in ComfyUI's model detection
 
 
 class FullLoadPatcher(comfy.model_patcher.ModelPatcher):
@@ -239,8 +240,6 @@ def load_model(path, weight_dtype="default", disable_dynamic=False):
     """A Dimba checkpoint as a ComfyUI MODEL, built by ComfyUI's own loader (comfy.sd), as Load Diffusion Model
     builds it: the pack reads and checks the file (no pickled code runs; a bundled VAE / T5 is skipped), hands
     ComfyUI the state dict with its config tensor, and ComfyUI picks operations, dtypes and the patcher."""
-    from . import integration
-
     try:
         config, sd = loader.read_checkpoint(path)
     except dimba_core.DimbaLoadError as err:
@@ -248,10 +247,41 @@ def load_model(path, weight_dtype="default", disable_dynamic=False):
     sd[CONFIG_KEY] = loader.config_tensor(config)
     options = model_options(weight_dtype, mm.get_torch_device())
     with torch.inference_mode(False):  # weights a training node (TrainLoraNode) can save for backward
-        patcher = integration.load_state_dict(sd, options, disable_dynamic=disable_dynamic)
+        patcher = load_state_dict(sd, options, disable_dynamic=disable_dynamic)
     if hasattr(patcher, "cached_patcher_init"):  # multi-GPU and non-dynamic clones rebuild it from the file
         patcher.cached_patcher_init = (load_model, (path, weight_dtype))
     return attach(patcher)
+
+
+def load_state_dict(sd, model_options, disable_dynamic=False):
+    """A Dimba state dict (with its config tensor) as a MODEL: through ComfyUI's loader when the hooks are in,
+    else built directly the same way."""
+    if NATIVE_LOADING:
+        import comfy.sd
+
+        params = inspect.signature(inspect.unwrap(comfy.sd.load_diffusion_model_state_dict)).parameters
+        kwargs = {"disable_dynamic": True} if disable_dynamic and "disable_dynamic" in params else {}
+        patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=model_options, **kwargs)
+        if patcher is None:
+            raise ValueError("ComfyUI did not recognise this Dimba checkpoint (another custom node may have replaced "
+                             "its model detection); please report it with the start-up log")
+        return patcher
+    return _build(sd, model_options)
+
+
+def _build(sd, model_options):
+    """DimbaCheckpointLoader's own build, for a ComfyUI whose loading internals the hooks do not know."""
+    model_config = DimbaModelConfig({"image_model": "dimba", **loader.read_checkpoint(sd)[0].to_dict()})
+    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    dtype = model_options.get("dtype") or mm.unet_dtype(
+        model_params=comfy.utils.calculate_parameters(sd), supported_dtypes=model_config.supported_inference_dtypes,
+        weight_dtype=sd["x_embedder.proj.weight"].dtype)
+    model_config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device,
+                                                                model_config.supported_inference_dtypes))
+    model_config.optimizations["fp8"] = bool(model_options.get("fp8_optimizations"))
+    model = model_config.get_model(sd, "", device=offload_device)
+    model.load_model_weights(sd, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
 def dimba_network(model) -> dimba_core.Dimba:

@@ -22,11 +22,11 @@ import re
 
 import comfy.model_base
 import comfy.model_detection
-import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.sd
 import comfy.supported_models
 
+from . import host
 from ._dimba import dimba_core, loader
 
 MIN_COMFYUI = (0, 3, 64)  # the oldest ComfyUI the pack is tested on (docs/comfyui.md)
@@ -142,8 +142,6 @@ def _read_file_config(path):
 
 def _attaching(original):
     """A loader whose MODEL (or (MODEL, ...) tuple) gets the pack's ON_LOAD callback when it is a Dimba one."""
-    from . import host
-
     @functools.wraps(original)
     def load(*args, **kwargs):
         out = original(*args, **kwargs)
@@ -171,8 +169,6 @@ def _with_file_config(original):
 
 def install():
     """Join ComfyUI's model loading (once); where its internals differ, log one line and only refuse Dimba files."""
-    from . import host
-
     if getattr(getattr(comfy.model_detection, "detect_unet_config", None), "dimba_hook", False):
         return STATE
     missing = missing_internals()
@@ -189,38 +185,5 @@ def install():
     for name in ("load_diffusion_model_state_dict", "load_state_dict_guess_config"):
         setattr(comfy.sd, name, _attaching(getattr(comfy.sd, name)))
     STATE.update(installed=True, problem=None)
+    host.NATIVE_LOADING = True
     return STATE
-
-
-def load_state_dict(sd, model_options, disable_dynamic=False):
-    """A Dimba state dict (with its config tensor) as a MODEL: through ComfyUI's loader when the hooks are in,
-    else built directly the same way."""
-    if STATE["installed"]:
-        kwargs = {"disable_dynamic": True} if disable_dynamic and "disable_dynamic" in _params(
-            inspect.unwrap(comfy.sd.load_diffusion_model_state_dict)) else {}
-        patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=model_options, **kwargs)
-        if patcher is None:
-            raise ValueError("ComfyUI did not recognise this Dimba checkpoint (another custom node may have replaced "
-                             "its model detection); please report it with the start-up log")
-        return patcher
-    return _build(sd, model_options)
-
-
-def _build(sd, model_options):
-    """DimbaCheckpointLoader's own build, for a ComfyUI whose loading internals the hooks do not know."""
-    import comfy.model_management as mm
-    import comfy.utils
-
-    from . import host
-
-    model_config = host.DimbaModelConfig(dimba_unet_config(sd))
-    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
-    dtype = model_options.get("dtype") or mm.unet_dtype(
-        model_params=comfy.utils.calculate_parameters(sd), supported_dtypes=model_config.supported_inference_dtypes,
-        weight_dtype=sd["x_embedder.proj.weight"].dtype)
-    model_config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device,
-                                                                model_config.supported_inference_dtypes))
-    model_config.optimizations["fp8"] = bool(model_options.get("fp8_optimizations"))
-    model = model_config.get_model(sd, "", device=offload_device)
-    model.load_model_weights(sd, "")
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)

@@ -370,8 +370,10 @@ def test_train_lora_node_save_and_load_back():
     with torch.inference_mode():  # as ComfyUI runs nodes
         model = S["host"].load_model(S["ckpt"])
         trained, lora, loss, steps = run_node(
-            TrainLoraNode, model, {"samples": latents}, S["pos"], 4, 30, 1, 3e-3, 4, "AdamW", "MSE", 0, "bf16",
-            "fp32", "LoRA", True, "[None]")
+            TrainLoraNode, model=model, latents={"samples": latents}, positive=S["pos"], batch_size=4, steps=30,
+            grad_accumulation_steps=1, learning_rate=3e-3, rank=4, optimizer="AdamW", loss_function="MSE", seed=0,
+            training_dtype="bf16", lora_dtype="fp32", algorithm="LoRA", gradient_checkpointing=True,
+            existing_lora="[None]")
     assert steps == 30 and len(loss["loss"]) == 30
     mamba = [k for k in lora if ".mixer." in k and k.endswith("lora_up.weight")]
     assert {k.split(".mixer.")[1].split(".")[0] for k in mamba} >= {"in_proj", "out_proj", "x_proj", "x_proj_b",
@@ -590,7 +592,7 @@ def test_stock_loaders_name_dimba_when_the_hooks_are_missing():
     assert refusing(flux_like, "") == original(flux_like, "")  # others unchanged
     config, sd = S["core"].loader.read_checkpoint(S["ckpt"])
     sd[integration.CONFIG_KEY] = S["core"].loader.config_tensor(config)
-    built = integration._build(dict(sd), {})
+    built = S["host"]._build(dict(sd), {})
     assert torch.equal(denoise(S["host"].attach(built)), denoise(S["host"].load_model(S["ckpt"])))
     assert "0.3.64 or newer" in error(lambda: integration.check_version((0, 3, 40)))
     integration.check_version((0, 38, 1))
