@@ -45,6 +45,9 @@ def base(tmp_path_factory):
     (root / "custom_nodes" / "ComfyUI-Dimba").symlink_to(REPO, target_is_directory=True)
     subprocess.run([PYTHON, "-m", "dimba_core.tiny_assets", str(root / "models")], cwd=REPO, check=True,
                    capture_output=True)
+    (root / "models" / "diffusion_models").mkdir(exist_ok=True)  # for Load Diffusion Model (UNETLoader)
+    (root / "models" / "diffusion_models" / "dimba_tiny_unet.safetensors").symlink_to(
+        root / "models" / "checkpoints" / "dimba_tiny.safetensors")
     vae = root / "models" / "vae" / tiny_assets.VAE_FILE
     assert vae.is_file(), "dimba_core.tiny_assets wrote no VAE"
     if os.environ.get("DIMBA_TEST_VAE"):  # another SDXL-architecture VAE under the name the workflows use
@@ -142,7 +145,8 @@ def test_pack_registered(server, base):
     for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
         assert name in info, f"{name} missing from /object_info"
         assert info[name]["input_order"]["required"] == list(cls.INPUT_TYPES()["required"])
-    assert info["DimbaCheckpointLoader"]["input"]["required"]["ckpt_name"][0] == ["dimba_tiny.safetensors"]
+    assert info["DimbaCheckpointLoader"]["input"]["required"]["ckpt_name"][0] == [  # checkpoints, then diffusion_models
+        "dimba_tiny.safetensors", "dimba_tiny_unet.safetensors"]
     assert info["DimbaT5Loader"]["input"]["required"]["t5_name"][0] == ["t5_tiny"]
     assert "IMPORT FAILED" not in (base / "comfyui.log").read_text()
 
@@ -253,6 +257,33 @@ def test_done_when_graph(server, base):
     sizes = saved_sizes(base, run_graph(server, graph))
     print(f"done-when graph: {time.time() - t0:.1f} s")
     assert sizes == [(320, 192)] * 4
+
+
+def test_load_diffusion_model_graph(server, base):
+    """ComfyUI's own Load Diffusion Model (UNETLoader) on a Dimba file feeds DimbaSampler and KSampler: the images
+    equal those of the same graph with Load Dimba Checkpoint."""
+    graph = json.loads((WORKFLOWS / "api" / "dimba_txt2img_api.json").read_text())
+    graph = {k: v for k, v in graph.items() if v["class_type"] != "DimbaResolutionSelect"}
+    graph["6"]["inputs"].update(width=128, height=96)
+    graph["7"]["inputs"]["steps"] = 4
+    graph["11"] = {"class_type": "KSampler", "inputs": {
+        "model": ["1", 0], "seed": 42, "steps": 4, "cfg": 4.5, "sampler_name": "euler", "scheduler": "normal",
+        "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["6", 0], "denoise": 1.0}}
+    graph["12"] = {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["8", 0]}}
+    graph["13"] = copy.deepcopy(graph["10"])
+    graph["13"]["inputs"].update(images=["12", 0])
+    images = {}
+    for loader in ("DimbaCheckpointLoader", "UNETLoader"):
+        if loader == "UNETLoader":
+            graph["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "dimba_tiny_unet.safetensors",
+                                                                  "weight_dtype": "default"}}
+        graph["10"]["inputs"]["filename_prefix"] = f"dimba_{loader}_dimbasampler"
+        graph["13"]["inputs"]["filename_prefix"] = f"dimba_{loader}_ksampler"
+        entry = run_graph(server, graph)
+        assert saved_sizes(base, entry) == [(128, 96)] * 2
+        images[loader] = [saved_image(base, entry, n) for n in ("10", "13")]
+    for ours, stock in zip(images["DimbaCheckpointLoader"], images["UNETLoader"]):
+        assert ImageChops.difference(ours, stock).getbbox() is None, "Load Diffusion Model gave another image"
 
 
 def test_bad_size_is_reported(server):
