@@ -36,6 +36,15 @@ def sincos_pos_embed_2d(dim: int, h: int, w: int, base_size: int, pe_interpolati
     return torch.cat([sincos(grid_w), sincos(grid_h)], dim=1)
 
 
+def sdpa(q, k, v, mask=None, options=None):
+    """The default attention: PyTorch's SDPA over B x heads x N x head_dim; mask B x 1 x 1 x L (True = attend).
+
+    Another attention function with this signature can be handed to Dimba (`attention=`); `options` is what the
+    caller passes to Dimba.forward as `attention_options` (ComfyUI's transformer_options, for its dispatch).
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class Mlp(nn.Module):
     """Two linear layers with tanh-GELU."""
 
@@ -94,57 +103,60 @@ class CaptionEmbedder(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head softmax self-attention with a fused qkv projection."""
 
-    def __init__(self, dim: int, num_heads: int, *, operations=nn, dtype=None, device=None):
+    def __init__(self, dim: int, num_heads: int, *, operations=nn, attention=sdpa, dtype=None, device=None):
         super().__init__()
         self.num_heads = num_heads
+        self.attention = attention
         self.qkv = operations.Linear(dim, 3 * dim, dtype=dtype, device=device)
         self.proj = operations.Linear(dim, dim, dtype=dtype, device=device)
 
-    def forward(self, x):
+    def forward(self, x, options=None):
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
+        x = self.attention(q, k, v, None, options)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
 class CrossAttention(nn.Module):
     """Multi-head cross-attention to caption tokens; key_mask (B x L, True = valid) hides padding."""
 
-    def __init__(self, dim: int, num_heads: int, *, operations=nn, dtype=None, device=None):
+    def __init__(self, dim: int, num_heads: int, *, operations=nn, attention=sdpa, dtype=None, device=None):
         super().__init__()
         self.num_heads = num_heads
+        self.attention = attention
         self.q_linear = operations.Linear(dim, dim, dtype=dtype, device=device)
         self.kv_linear = operations.Linear(dim, 2 * dim, dtype=dtype, device=device)
         self.proj = operations.Linear(dim, dim, dtype=dtype, device=device)
 
-    def forward(self, x, y, key_mask=None):
+    def forward(self, x, y, key_mask=None, options=None):
         b, n, c = x.shape
         heads, hd = self.num_heads, c // self.num_heads
         q = self.q_linear(x).view(b, n, heads, hd).transpose(1, 2)
         k, v = self.kv_linear(y).view(b, y.shape[1], 2, heads, hd).permute(2, 0, 3, 1, 4)
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = self.attention(q, k, v, attn_mask, options)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
 class AttentionBlock(nn.Module):
     """PixArt block: adaLN-single modulated self-attention, cross-attention, MLP."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, operations=nn, dtype=None, device=None):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, operations=nn, attention=sdpa, dtype=None,
+                 device=None):
         super().__init__()
         kw = {"operations": operations, "dtype": dtype, "device": device}
         self.norm1 = operations.LayerNorm(dim, elementwise_affine=False, eps=1e-6, dtype=dtype, device=device)
-        self.attn = SelfAttention(dim, num_heads, **kw)
-        self.cross_attn = CrossAttention(dim, num_heads, **kw)
+        self.attn = SelfAttention(dim, num_heads, attention=attention, **kw)
+        self.cross_attn = CrossAttention(dim, num_heads, attention=attention, **kw)
         self.norm2 = operations.LayerNorm(dim, elementwise_affine=False, eps=1e-6, dtype=dtype, device=device)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), **kw)
         self.scale_shift_table = nn.Parameter((torch.randn(6, dim, device=device) / dim ** 0.5).to(table_dtype(dtype)))
 
-    def forward(self, x, y, t0, key_mask=None):
+    def forward(self, x, y, t0, key_mask=None, options=None):
         mod = cast_to(self.scale_shift_table, t0)[None] + t0.reshape(x.shape[0], 6, -1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + self.cross_attn(x, y, key_mask)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), options)
+        x = x + self.cross_attn(x, y, key_mask, options)
         return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
@@ -166,16 +178,18 @@ class Dimba(nn.Module):
     """Dimba denoiser: model(x, timestep, y, mask) -> B x 2C x H x W (eps | learned variance).
 
     Layers come from `operations` (a namespace with Linear, Conv1d, Conv2d, LayerNorm taking dtype and device,
-    such as ComfyUI's comfy.ops classes; default torch.nn), built with `dtype` and `device`. The Mamba SSM
+    such as ComfyUI's comfy.ops classes; default torch.nn), built with `dtype` and `device`; attention is
+    `attention(q, k, v, mask, options)` (default `sdpa`; ComfyUI hands in its own dispatch). The Mamba SSM
     parameters (A, D, delta bias) are float32 in every weight dtype; with float8 weights the parameters read
     directly (norm weights, modulation tables) are float32 too.
     """
 
-    def __init__(self, config: DimbaConfig, scan_backend: str = "auto", *, operations=None, dtype=None,
-                 device=None):
+    def __init__(self, config: DimbaConfig, scan_backend: str = "auto", *, operations=None, attention=None,
+                 dtype=None, device=None):
         super().__init__()
         self.config = c = config
         kw = {"operations": operations or nn, "dtype": dtype, "device": device}
+        attention = attention or sdpa
         self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size, **kw)
         self.t_embedder = TimestepEmbedder(c.hidden_size, **kw)
         self.t_block = nn.Sequential(nn.SiLU(), kw["operations"].Linear(c.hidden_size, 6 * c.hidden_size,
@@ -183,7 +197,7 @@ class Dimba(nn.Module):
         self.y_embedder = CaptionEmbedder(c.caption_channels, c.hidden_size, c.model_max_length, **kw)
         self.register_buffer("pos_embed", torch.zeros(1, c.base_size ** 2, c.hidden_size, dtype=table_dtype(dtype),
                                                       device=device))  # unused, kept for keys
-        self.blocks = nn.ModuleList(AttentionBlock(c.hidden_size, c.num_heads, c.mlp_ratio, **kw)
+        self.blocks = nn.ModuleList(AttentionBlock(c.hidden_size, c.num_heads, c.mlp_ratio, attention=attention, **kw)
                                     for _ in range(c.depth))
         self.mamba_blocks = nn.ModuleList(
             MambaBlock(c.hidden_size, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand, dt_rank=c.dt_rank,
@@ -222,9 +236,10 @@ class Dimba(nn.Module):
         return self._pos_cache[key]
 
     def forward(self, x: torch.Tensor, timestep, y: torch.Tensor, mask: torch.Tensor | None = None, *,
-                dtype: torch.dtype | None = None) -> torch.Tensor:
+                dtype: torch.dtype | None = None, attention_options: dict | None = None) -> torch.Tensor:
         """eps | variance for latents x (B x C x H x W), timesteps (B or scalar), T5 features y (B x L x C) and
-        their mask (B x L, 1 = token); computed in `dtype` (default self.dtype), returned in x's dtype."""
+        their mask (B x L, 1 = token); computed in `dtype` (default self.dtype), returned in x's dtype.
+        `attention_options` go to every attention call (ComfyUI's transformer_options)."""
         in_dtype = x.dtype
         x, t, y, key_mask = self._check_inputs(x, timestep, y, mask, dtype or self.dtype)
         p = self.config.patch_size
@@ -235,7 +250,7 @@ class Dimba(nn.Module):
         y = self.y_embedder(y)
         residual = None
         for i, block in enumerate(self.blocks):
-            x = block(x, y, t0, key_mask)
+            x = block(x, y, t0, key_mask, attention_options)
             j = self._mamba_after.get(i)
             if j is not None:
                 x, residual = self.mamba_blocks[j](x, residual)

@@ -68,6 +68,18 @@ def dimba_operations(base):
     return type(f"Dimba_{base.__name__}", (base,), {"Linear": linear, "Conv1d": conv1d})
 
 
+def comfy_attention(q, k, v, mask=None, options=None):
+    """dimba_core's attention hook: ComfyUI's attention dispatch (--use-sage-attention, --use-flash-attention,
+    xformers, PyTorch, and transformer_options["optimized_attention_override"]) over B x heads x N x head_dim;
+    the boolean key mask becomes the additive mask ComfyUI's backends take."""
+    import comfy.ldm.modules.attention as attention
+
+    if mask is not None:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    return attention.optimized_attention(q, k, v, q.shape[1], mask=mask, skip_reshape=True, skip_output_reshape=True,
+                                         transformer_options=options if options is not None else {})
+
+
 def _text_encoder_target(state_dict):
     """ComfyUI's PixArt T5-XXL CLIP target when a bundled checkpoint carries T5 weights, else None."""
     try:
@@ -133,7 +145,7 @@ class DimbaDiffusion(torch.nn.Module):
         ops = dimba_operations(operations or comfy.ops.disable_weight_init)
         fields = dimba_core.DimbaConfig.__dataclass_fields__
         config = dimba_core.DimbaConfig(**{k: v for k, v in config.items() if k in fields})
-        net = dimba_core.Dimba(config, operations=ops, dtype=dtype, device=device)
+        net = dimba_core.Dimba(config, operations=ops, attention=comfy_attention, dtype=dtype, device=device)
         object.__setattr__(self, "net", net)  # not a submodule: its children are registered here instead
         for name, child in net.named_children():
             self.add_module(name, child)
@@ -151,9 +163,20 @@ class DimbaDiffusion(torch.nn.Module):
 
     def forward(self, x, timesteps, context=None, attention_mask=None, control=None, transformer_options=None,
                 **kwargs):
+        """The eps prediction, run inside ComfyUI's DIFFUSION_MODEL wrappers (EasyCache hooks there), with the
+        transformer_options handed to every attention call."""
+        transformer_options = {} if transformer_options is None else transformer_options
+        wrappers = comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                                                            transformer_options)
+        executor = comfy.patcher_extension.WrapperExecutor.new_class_executor(self._forward, self, wrappers)
+        return executor.execute(x, timesteps, context, attention_mask, control, transformer_options, **kwargs)
+
+    def _forward(self, x, timesteps, context=None, attention_mask=None, control=None, transformer_options=None,
+                 **kwargs):
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:  # e.g. KSampler with an SD3/Flux latent
             check_latent(x.shape, self.config)
-        return self.net(x, timesteps, context, attention_mask, dtype=x.dtype)[:, : self.config.in_channels]
+        out = self.net(x, timesteps, context, attention_mask, dtype=x.dtype, attention_options=transformer_options)
+        return out[:, : self.config.in_channels]
 
 
 class DimbaModel(comfy.model_base.BaseModel):
@@ -365,6 +388,13 @@ def captions(positive, negative, batch):
                  for t in (cond, uncond, mask, u_mask))
 
 
+def _sampling_wrappers(model):
+    """Keys of the wrappers on a MODEL that hook ComfyUI's sampling loop (which DimbaSampler does not run)."""
+    kinds = ("outer_sample", "sampler_sample", "calc_cond_batch", "predict_noise", "diffusion_model")
+    wrappers = getattr(model, "wrappers", {}) or {}
+    return sorted({str(key) for kind in kinds for key, found in wrappers.get(kind, {}).items() if found})
+
+
 def sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_name, denoise=1.0):
     """Run dimba_core.sample on ComfyUI's device with its progress bar, previews and cancel button.
 
@@ -396,7 +426,11 @@ def sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_na
         preview(step, denoised, x, total)
 
     to = functools.partial(torch.Tensor.to, device=device)
-    denoiser = functools.partial(net, dtype=model.model.compute_dtype())
+    options = dict(model.model_options.get("transformer_options", {}))  # e.g. an optimized_attention_override
+    if _sampling_wrappers(model):
+        log.warning("DimbaSampler: the MODEL carries ComfyUI sampling wrappers (%s), which only ComfyUI's samplers "
+                    "run; use KSampler for them (EasyCache, LazyCache)", ", ".join(_sampling_wrappers(model)))
+    denoiser = functools.partial(net, dtype=model.model.compute_dtype(), attention_options=options)
     out = dimba_core.sample(
         denoiser, to(noise), to(cond), to(uncond),
         mask=to(mask), uncond_mask=None if u_mask is None else to(u_mask), steps=steps, cfg_scale=cfg,

@@ -84,24 +84,48 @@ def test_t5_conditioning_is_the_headless_encoding():
     assert torch.equal(emb, pos[0][0]) and torch.equal(mask, pos[0][1]["attention_mask"])
 
 
+class PytorchAttention:
+    """ComfyUI's attention dispatch set to PyTorch SDPA (as --use-pytorch-cross-attention, the default on GPUs;
+    on the CPU ComfyUI picks its sub-quadratic attention, which differs from SDPA at float rounding)."""
+
+    def __enter__(self):
+        import comfy.ldm.modules.attention as attention
+
+        self.saved = attention.optimized_attention
+        attention.optimized_attention = attention.attention_pytorch
+
+    def __exit__(self, *exc):
+        import comfy.ldm.modules.attention as attention
+
+        attention.optimized_attention = self.saved
+
+
 def test_dimba_sampler_equals_headless_sample():
-    """Bit for bit, every sampler, txt2img and img2img, seeded as dimba_core.pipeline seeds."""
+    """Bit for bit with ComfyUI's PyTorch attention, every sampler, txt2img and img2img, seeded as dimba_core.pipeline
+    seeds; within float rounding with the CPU's default (sub-quadratic) attention."""
     core, latent = S["core"], S["latent"]
     ref, enc = core.load_dimba(S["ckpt"]), core.text.T5TextEncoder.from_pretrained(S["t5_dir"])
     (pe, pm), (ne, _) = enc.encode(["a cat on a mat"]), enc.encode([""])
     for name in core.SAMPLERS:
         for denoise in (1.0, 0.6):
-            got = S["sampler"].sample(S["model"], S["pos"], S["neg"], latent, 7, 4, 4.5, name, denoise)[0]["samples"]
+            with PytorchAttention():
+                got = S["sampler"].sample(S["model"], S["pos"], S["neg"], latent, 7, 4, 4.5, name, denoise)[0]
+            default = S["sampler"].sample(S["model"], S["pos"], S["neg"], latent, 7, 4, 4.5, name, denoise)[0]
             init = latent["samples"] * 0.13025 if denoise < 1 else None
             want = core.sample(ref, core.noise_like((2, 4, 24, 40), 7), pe.expand(2, -1, -1), ne.expand(2, -1, -1),
                                mask=pm.expand(2, -1), steps=4, cfg_scale=4.5, sampler=name, init_latent=init,
                                seed=7, denoise=denoise) / 0.13025
+            got, default = got["samples"], default["samples"]
             assert torch.equal(got, want), (name, denoise, float((got - want).abs().max()))
+            print(f"DimbaSampler {name} denoise {denoise}: CPU default attention vs headless, relative "
+                  f"{rel(default, want):.1e}")
+            assert rel(default, want) < 1e-4
 
 
 def test_largest_seed_equals_headless_sample():
     core, seed = S["core"], 2**64 - 1
-    got = S["sampler"].sample(S["model"], S["pos"], S["neg"], S["latent"], seed, 3, 4.5, "iddpm")[0]["samples"]
+    with PytorchAttention():
+        got = S["sampler"].sample(S["model"], S["pos"], S["neg"], S["latent"], seed, 3, 4.5, "iddpm")[0]["samples"]
     enc = core.text.T5TextEncoder.from_pretrained(S["t5_dir"])
     (pe, pm), (ne, _) = enc.encode(["a cat on a mat"]), enc.encode([""])
     want = core.sample(core.load_dimba(S["ckpt"]), core.noise_like((2, 4, 24, 40), seed), pe, ne, mask=pm, steps=3,
@@ -415,7 +439,8 @@ def test_train_lora_node_save_and_load_back():
     assert rel(denoise(loaded), denoise(trained)) < 2e-2
 
     core, seed = S["core"], 11
-    got = S["sampler"].sample(loaded, S["pos"], S["neg"], S["latent"], seed, 4, 4.5, "dpmpp_2m")[0]["samples"]
+    with PytorchAttention():
+        got = S["sampler"].sample(loaded, S["pos"], S["neg"], S["latent"], seed, 4, 4.5, "dpmpp_2m")[0]["samples"]
     enc = core.text.T5TextEncoder.from_pretrained(S["t5_dir"])
     (pe, pm), (ne, _) = enc.encode(["a cat on a mat"]), enc.encode([""])
     net = core.apply_lora(core.load_dimba(S["ckpt"]), os.path.join(loras, name))
@@ -675,7 +700,7 @@ def test_dynamic_vram_lazy_layers_give_the_eager_results():
             "diffusion_model.blocks.0.attn.qkv.lora_down.weight": 0.1 * torch.randn(4, 64, generator=g),
             "diffusion_model.mamba_blocks.0.mixer.in_proj.lora_up.weight": 0.1 * torch.randn(256, 4, generator=g),
             "diffusion_model.mamba_blocks.0.mixer.in_proj.lora_down.weight": 0.1 * torch.randn(4, 64, generator=g),
-            "diffusion_model.mamba_blocks.0.mixer.A_log.diff": 0.01 * torch.randn(128, 16, generator=g),
+            "diffusion_model.mamba_blocks.0.mixer.A_log.diff": 0.01 * torch.randn(128, 8, generator=g),
             "diffusion_model.blocks.1.scale_shift_table.diff": 0.01 * torch.randn(6, 64, generator=g)}
 
     def outputs(model):
@@ -701,6 +726,84 @@ def test_dynamic_vram_lazy_layers_give_the_eager_results():
             print(f"dynamic VRAM emulation, {weight_dtype}: relative difference {err:.1e} from the eager load")
             assert torch.isfinite(got).all() and err <= limits.get(weight_dtype, 1e-6), (weight_dtype, err)
     assert rel(eager[1], eager[0]) > 1e-3  # the LoRA (incl. the A_log and table patches) changed the output
+
+
+class CountedForward:
+    """Counts network evaluations of the Dimba MODEL (DimbaDiffusion._forward, inside the wrapper executor)."""
+
+    def __enter__(self):
+        cls = S["host"].DimbaDiffusion
+        self.saved, self.calls = cls._forward, 0
+
+        def counted(net, *args, **kwargs):
+            self.calls += 1
+            return self.saved(net, *args, **kwargs)
+
+        cls._forward = counted
+        return self
+
+    def __exit__(self, *exc):
+        S["host"].DimbaDiffusion._forward = self.saved
+
+
+def test_wrappers_and_attention_override_reach_the_network():
+    """A DIFFUSION_MODEL wrapper runs once per network evaluation and an optimized_attention_override once per
+    attention call (self- and cross-attention of every block), under KSampler; the override under DimbaSampler
+    too; neither changes the result."""
+    import comfy.patcher_extension as pe
+
+    model, pos, neg, latent = S["model"].clone(), S["pos"], S["neg"], S["latent"]["samples"]
+    calls = {"wrapper": 0, "override": 0}
+
+    def wrapper(executor, *args, **kwargs):
+        calls["wrapper"] += 1
+        return executor(*args, **kwargs)
+
+    def override(func, *args, **kwargs):
+        calls["override"] += 1
+        return func(*args, **kwargs)
+
+    model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "dimba_test", wrapper)
+    model.model_options["transformer_options"]["optimized_attention_override"] = override
+    plain = ksampler(S["model"], pos, neg, latent, steps=3)
+    with CountedForward() as evaluations:
+        out = ksampler(model, pos, neg, latent, steps=3)
+    depth = len(S["model"].model.diffusion_model.blocks)
+    print(f"KSampler 3 steps: {evaluations.calls} network evaluations, wrapper {calls['wrapper']}, attention "
+          f"override {calls['override']}")
+    assert evaluations.calls >= 3 and calls["wrapper"] == evaluations.calls
+    assert calls["override"] == 2 * depth * evaluations.calls and torch.equal(out, plain)
+    calls.update(wrapper=0, override=0)
+    only_override = S["model"].clone()
+    only_override.model_options["transformer_options"]["optimized_attention_override"] = override
+    S["sampler"].sample(only_override, pos, neg, S["latent"], 7, 2, 4.5, "ddim")
+    assert calls["override"] == 2 * depth * 2  # 2 steps of one evaluation (cond and uncond batched)
+
+
+def test_easycache_and_lazycache_skip_network_evaluations():
+    """EasyCache and LazyCache on the Dimba MODEL under KSampler (20 steps, default settings): fewer network
+    evaluations. Prints evaluations, wall time and the difference from no cache (one process); on the random tiny
+    model the difference says nothing about real images."""
+    from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
+
+    pos, neg = S["pos"], S["neg"]
+    latent = torch.zeros(1, 4, 64, 64)  # 512 px
+    rows = {}
+    for name, node in (("none", None), ("EasyCache", EasyCacheNode), ("LazyCache", LazyCacheNode)):
+        model = S["model"] if node is None else run_node(node, model=S["model"], reuse_threshold=0.2,
+                                                         start_percent=0.15, end_percent=0.95, verbose=False)[0]
+        ksampler(model, pos, neg, latent, steps=2)  # warm-up
+        with CountedForward() as evaluations:
+            t0 = time.perf_counter()
+            out = ksampler(model, pos, neg, latent, steps=20)
+            rows[name] = (evaluations.calls, time.perf_counter() - t0, out)
+    base_calls, base_time, base = rows["none"]
+    for name, (calls, seconds, out) in rows.items():
+        print(f"cache {name}: {calls} network evaluations, {seconds:.2f} s ({seconds / base_time:.2f}x of none), "
+              f"relative difference {rel(out, base):.2e}")
+    for name in ("EasyCache", "LazyCache"):
+        calls, _, out = rows[name]
+        assert calls < base_calls and torch.isfinite(out).all(), name
 
 
 def inspect_unwrap(fn):

@@ -131,13 +131,18 @@ def saved_sizes(base, entry):
 
 
 def expected_size(graph):
-    """(width, height) of an API graph's EmptyLatentImage, following links to DimbaResolutionSelect."""
+    """(width, height) of an API graph's EmptyLatentImage, following links to DimbaResolutionSelect, times the
+    scale_by of a LatentUpscaleBy (applied to the 8x smaller latent and rounded, as ComfyUI does)."""
     latent = next(n for n in graph.values() if n["class_type"] == "EmptyLatentImage")["inputs"]
     width = latent["width"]
     if isinstance(width, list):
         select = graph[width[0]]["inputs"]
-        return nodes.DimbaResolutionSelect().select(select["base_resolution"], select["aspect_ratio"])
-    return width, latent["height"]
+        size = nodes.DimbaResolutionSelect().select(select["base_resolution"], select["aspect_ratio"])
+    else:
+        size = width, latent["height"]
+    for upscale in (n["inputs"] for n in graph.values() if n["class_type"] == "LatentUpscaleBy"):
+        size = tuple(8 * round(side // 8 * upscale["scale_by"]) for side in size)
+    return tuple(size)
 
 
 def test_pack_registered(server, base):

@@ -213,3 +213,25 @@ def test_assign_load_keeps_the_ssm_parameters_float32():
     mixer = model.mamba_blocks[1].mixer
     assert {mixer.A_b_log.dtype, mixer.D.dtype, mixer.dt_proj_b.weight.dtype, mixer.dt_proj.bias.dtype} == {torch.float32}
     assert mixer.in_proj.weight.dtype == model.blocks[0].scale_shift_table.dtype == torch.float16
+
+
+@pytest.mark.parametrize("backend", ["torch", "parallel"])
+def test_attention_is_handed_in(backend):
+    """Every self- and cross-attention call goes through the `attention` function handed to Dimba (as ComfyUI
+    hands in its dispatch), with the forward's attention_options; sdpa, the default, gives the same output."""
+    from dimba_core.model import sdpa
+
+    calls = []
+
+    def counted(q, k, v, mask, options):
+        calls.append((q.shape, None if mask is None else mask.shape, options))
+        return sdpa(q, k, v, mask)
+
+    ref = reference(backend)
+    torch.manual_seed(0)
+    model = Dimba(DimbaConfig(**CFG), scan_backend=backend, attention=counted).eval()
+    marker = {"transformer_options": True}
+    with torch.no_grad():
+        assert torch.equal(model(*inputs(), attention_options=marker), ref(*inputs()))
+    assert len(calls) == 2 * CFG["depth"] and all(options is marker for *_, options in calls)
+    assert [mask for _, mask, _ in calls[1::2]] == [(2, 1, 1, 5)] * CFG["depth"]  # cross-attention: key mask

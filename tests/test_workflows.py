@@ -15,7 +15,7 @@ WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 PAIRS = {"dimba_txt2img.json": "dimba_txt2img_api.json", "dimba_ksampler.json": "dimba_ksampler_api.json",
-         "dimba_train_lora.json": "dimba_train_lora_api.json"}
+         "dimba_train_lora.json": "dimba_train_lora_api.json", "dimba_hires_fix.json": "dimba_hires_fix_api.json"}
 
 # The core ComfyUI nodes the workflows use: inputs (name -> type, widgets in UI order) and outputs.
 # Checked against a real ComfyUI's /object_info by tests/test_comfy_host.py.
@@ -27,6 +27,8 @@ CORE_NODES = {
     "KSampler": ({"model": "MODEL", "seed": "INT", "steps": "INT", "cfg": "FLOAT", "sampler_name": "COMBO",
                   "scheduler": "COMBO", "positive": "CONDITIONING", "negative": "CONDITIONING",
                   "latent_image": "LATENT", "denoise": "FLOAT"}, ("LATENT",)),
+    # dimba_hires_fix: the 512 px result's latent upscaled 1.5x, then refined by KSampler at denoise 0.5
+    "LatentUpscaleBy": ({"samples": "LATENT", "upscale_method": "COMBO", "scale_by": "FLOAT"}, ("LATENT",)),
     # dimba_train_lora: ComfyUI's own training nodes (comfy_extras/nodes_train.py) on the Dimba MODEL
     "LoadImageSetFromFolderNode": ({"folder": "COMBO", "resize_method": "COMBO"}, ("IMAGE",)),
     "ImageScale": ({"image": "IMAGE", "upscale_method": "COMBO", "width": "INT", "height": "INT", "crop": "COMBO"},
@@ -94,6 +96,7 @@ def test_expected_files():
                 for n in PAIRS.values()}
     assert "DimbaSampler" in samplers["dimba_txt2img_api.json"] and "KSampler" in samplers["dimba_ksampler_api.json"]
     assert {"TrainLoraNode", "SaveLoRANode", "DimbaSampler"} <= samplers["dimba_train_lora_api.json"]
+    assert {"DimbaSampler", "LatentUpscaleBy", "KSampler"} <= samplers["dimba_hires_fix_api.json"]
     for found in samplers.values():
         assert {"VAELoader", "VAEDecode", "SaveImage", "DimbaCheckpointLoader", "DimbaT5Loader"} <= found
 
