@@ -343,7 +343,7 @@ def load_t5(path, device="default", dtype="default"):
     if dtype in DTYPES:
         torch_dtype = DTYPES[dtype]
     elif mm.is_device_cpu(load_device):
-        torch_dtype = torch.float32
+        torch_dtype = torch.bfloat16  # 16 bits as ComfyUI stores text encoders; fp16 matmuls are slow on CPUs
     else:
         torch_dtype = mm.text_encoder_dtype(load_device)
         if torch_dtype not in DTYPES.values():  # fp8 storage: compute T5 in half precision instead

@@ -81,7 +81,11 @@ def test_t5_conditioning_is_the_headless_encoding():
     pos = S["pos"]
     assert pos[0][0].shape == (1, 300, 64) and pos[0][1]["attention_mask"].shape == (1, 300)
     emb, mask = S["core"].text.T5TextEncoder.from_pretrained(S["t5_dir"]).encode(["a cat on a mat"])
-    assert torch.equal(emb, pos[0][0]) and torch.equal(mask, pos[0][1]["attention_mask"])
+    assert torch.equal(emb.float(), pos[0][0]) and torch.equal(mask, pos[0][1]["attention_mask"])
+    t5 = S["host"].load_t5(S["t5_dir"], "cpu")  # DIMBA_T5 on the CPU is stored in bf16, 2 bytes a parameter
+    numel = sum(v.numel() for v in t5.encoder.model.state_dict().values())  # the tied embedding counted twice
+    assert {p.dtype for p in t5.encoder.model.parameters()} == {torch.bfloat16}
+    assert t5.patcher.model_size() <= 2 * numel + 4096
 
 
 class PytorchAttention:
