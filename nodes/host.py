@@ -35,16 +35,6 @@ log = logging.getLogger("ComfyUI-Dimba")
 NATIVE_LOADING = False  # set by integration.install() once Dimba is in ComfyUI's model detection
 
 
-class FullLoadPatcher(comfy.model_patcher.ModelPatcher):
-    """A ModelPatcher that moves all weights at once, for T5 (a transformers model of plain torch modules)."""
-
-    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
-        return super().partially_load(device_to, self.model_size() + 1, force_patch_weights)
-
-    def partially_unload(self, device_to, memory_to_free=0, *args, **kwargs):
-        return 0  # ComfyUI then unloads the whole model
-
-
 # ComfyUI >= 0.4 pairs an offloadable cast with a release (CastBiasWeightContext); 0.3.64 has the plain cast only.
 _CAST_CONTEXT = getattr(comfy.ops, "CastBiasWeightContext", None)
 if _CAST_CONTEXT is not None and "offloadable" not in inspect.signature(comfy.ops.cast_bias_weight).parameters:
@@ -315,14 +305,44 @@ def dimba_network(model) -> dimba_core.Dimba:
     return view.net
 
 
+def _cast_norm_class(base):
+    """A cast-at-use twin of transformers' T5LayerNorm that ComfyUI manages like its own layers."""
+
+    def forward(self, hidden):
+        weight, _ = comfy.ops.cast_bias_weight(self, device=hidden.device, dtype=self.weight.dtype)
+        variance = hidden.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        hidden = hidden * torch.rsqrt(variance + self.variance_epsilon)
+        if weight.dtype in (torch.float16, torch.bfloat16):
+            hidden = hidden.to(weight.dtype)
+        return weight * hidden
+
+    return type(f"Cast{base.__name__}", (base, comfy.ops.CastWeightBiasOp),
+                {"forward": forward, "comfy_cast_weights": True, "bias": None})
+
+
+def streamable(model):
+    """Give a transformers T5 ComfyUI's cast-at-use layers (comfy.ops manual_cast Linear and Embedding, and a twin
+    of T5LayerNorm), so that ComfyUI loads what fits on the GPU and streams the rest, as its own text encoders."""
+    ops = comfy.ops.manual_cast
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = ops.Linear
+        elif type(module) is torch.nn.Embedding:
+            module.__class__ = ops.Embedding
+            module.bias = None  # what comfy.ops' Embedding sets when it builds one
+        elif type(module).__name__ == "T5LayerNorm":
+            module.__class__ = _cast_norm_class(type(module))
+    return model
+
+
 class DimbaT5:
-    """DIMBA_T5: a dimba_core T5TextEncoder whose weights ComfyUI's memory manager moves."""
+    """DIMBA_T5: a dimba_core T5TextEncoder whose weights ComfyUI's memory manager loads, fully or partially."""
 
     def __init__(self, encoder, load_device, offload_device):
         self.encoder = encoder
         holder = torch.nn.Module()
-        holder.t5 = encoder.model
-        self.patcher = FullLoadPatcher(holder, load_device=load_device, offload_device=offload_device)
+        holder.t5 = streamable(encoder.model)
+        self.patcher = comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
 
     @property
     def hidden_size(self):
@@ -331,7 +351,7 @@ class DimbaT5:
     def encode(self, text, max_length):
         """[[emb 1 x L x C, {"attention_mask": 1 x L, "pooled_output": None}]] on the intermediate device."""
         mm.load_models_gpu([self.patcher])
-        emb, mask = self.encoder.encode([text], max_length=max_length)
+        emb, mask = self.encoder.encode([text], max_length=max_length, device=self.patcher.load_device)
         device = mm.intermediate_device()
         return [[emb.float().to(device), {"attention_mask": mask.long().to(device), "pooled_output": None}]]
 

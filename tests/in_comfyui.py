@@ -88,6 +88,25 @@ def test_t5_conditioning_is_the_headless_encoding():
     assert t5.patcher.model_size() <= 2 * numel + 4096
 
 
+def test_t5_partial_load_equals_full_load():
+    """DIMBA_T5 is built from ComfyUI's cast-at-use layers, so ComfyUI can load a part of it and stream the rest
+    (as it does its own text encoders on small GPUs): with a third of its weights loaded the conditioning equals
+    the full load's."""
+    t5 = S["host"].load_t5(S["t5_dir"], "cpu")
+    layers = [m for m in t5.encoder.model.modules() if hasattr(m, "comfy_cast_weights")]
+    assert layers and not [m for m in t5.encoder.model.modules()
+                           if not hasattr(m, "comfy_cast_weights") and list(m.parameters(recurse=False))]
+    cpu = torch.device("cpu")
+    full = t5.encode("a cat on a mat", 300)
+    t5.patcher.patch_model(cpu, lowvram_model_memory=t5.patcher.model_size() // 3, load_weights=True)
+    try:
+        assert t5.patcher.model.model_lowvram  # ComfyUI streams what did not fit
+        emb, mask = t5.encoder.encode(["a cat on a mat"], max_length=300, device=cpu)
+    finally:
+        t5.patcher.unpatch_model(cpu, unpatch_weights=True)
+    assert torch.equal(emb.float(), full[0][0]) and torch.equal(mask, full[0][1]["attention_mask"])
+
+
 class PytorchAttention:
     """ComfyUI's attention dispatch set to PyTorch SDPA (as --use-pytorch-cross-attention, the default on GPUs;
     on the CPU ComfyUI picks its sub-quadratic attention, which differs from SDPA at float rounding)."""
