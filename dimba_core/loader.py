@@ -21,7 +21,7 @@ import torch
 
 from .config import RESOLUTION_SETTINGS, DimbaConfig
 from .model import Dimba
-from .weights import DimbaLoadError, check_keys, open_safetensors
+from .weights import DimbaLoadError, check_keys, headless_dtype, open_safetensors
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 PREFIXES = ("module.", "model.diffusion_model.", "diffusion_model.", "model.")
@@ -352,11 +352,13 @@ def load_dimba(source, *, device=None, dtype=None, num_heads: int | None = None,
     """Build a Dimba model from a checkpoint path or state dict, inferring its config, and load it strictly.
 
     Weights are stored in `dtype` (default: the file's; float32 for float8 files), the Mamba SSM parameters in
-    float32. num_heads and the overrides as in `read_checkpoint`.
+    float32; `dtype` is a torch float dtype or "fp16" / "bf16" / "fp32" (float8 storage needs ComfyUI's
+    operations, so it is refused here). num_heads and the overrides as in `read_checkpoint`.
     """
     from . import ops
 
     ops.check_backend(scan_backend)
+    dtype = headless_dtype(dtype, "load_dimba dtype")
     config, sd = read_checkpoint(source, num_heads=num_heads, ema=ema, **overrides)
     stored = sd["x_embedder.proj.weight"].dtype
     dtype = dtype or (torch.float32 if stored.itemsize == 1 else stored)

@@ -214,11 +214,44 @@ def apply_lora(model: torch.nn.Module, source, strength: float = 1.0) -> torch.n
     sd, name = read_lora(source)
     params = dict(model.named_parameters())
     groups = group_lora(sd, params, name)
+    check_finite(sd, name)
     with torch.no_grad():
-        new = {k: merged(g, params[k].float(), strength, k, name) for k, g in groups.items()}  # validate all first
+        new = {}
+        for key, group in groups.items():  # validate all first
+            value = merged(group, params[key].float(), strength, key, name).to(params[key].dtype)
+            check_merged(value, params[key], strength, key, name)
+            new[key] = value
         for key, value in new.items():
-            params[key].copy_(value.to(params[key].dtype))
+            params[key].copy_(value)
     return model
+
+
+def non_finite(t: torch.Tensor) -> bool:
+    """Whether a (not meta) tensor holds NaN or an infinity; float8 and integer tensors are checked as float32."""
+    if t.is_meta or not (t.is_floating_point() or t.is_complex()):
+        return False
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) and not t.is_complex():
+        t = t.float()
+    return not bool(torch.isfinite(t).all())
+
+
+def check_finite(sd: dict, name: str) -> None:
+    """A DimbaLoadError naming the first LoRA tensor (matrix, alpha, dora_scale, diff) with NaN or inf values."""
+    bad = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and non_finite(v)]
+    if bad:
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise DimbaLoadError(f"{name}: {bad[0]}{more} holds NaN or infinite values; the LoRA is damaged (or saved "
+                             "from a training run that diverged): merging it would break the model, use another "
+                             "file or re-export it")
+
+
+def check_merged(value: torch.Tensor, old: torch.Tensor, strength: float, key: str, name: str) -> None:
+    """A DimbaLoadError when merging made a finite weight NaN or infinite (strength or scale too large)."""
+    if non_finite(value) and not non_finite(old):
+        dtype = str(old.dtype).replace("torch.", "")
+        raise DimbaLoadError(f"{name}: merging it at strength {strength:g} makes {key} NaN or infinite (beyond "
+                             f"{dtype}'s range); the strength or the LoRA's alpha / matrices are far too large: use "
+                             "a strength of about -2 to 2, or another file")
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:

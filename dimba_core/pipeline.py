@@ -52,6 +52,25 @@ def check_device(name, what: str = "device") -> torch.device:
     return device
 
 
+def check_vae(model, vae, name="the VAE") -> None:
+    """The VAE must decode this model's latents: as many latent channels as the model has input channels (an SD3
+    or Flux VAE has 16, the SDXL VAE 4), and not the SD 1.x/2.x VAE's scaling (Dimba's latents are the SDXL
+    VAE's). Stand-ins without latent_channels / scaling_factor pass."""
+    from .vae import SD_SCALING_FACTOR, SDXL_SCALING_FACTOR
+    from .weights import DimbaLoadError
+
+    channels, want = getattr(vae, "latent_channels", None), model.config.in_channels
+    if isinstance(channels, int) and channels != want:
+        raise DimbaLoadError(f"{name}: a VAE with {channels}-channel latents (SD3 and Flux VAEs have 16); this "
+                             f"Dimba model's latents have {want} channels, the SDXL VAE's: use the SDXL VAE "
+                             "(sdxl_vae.safetensors or its diffusers folder)")
+    scale = getattr(vae, "scaling_factor", None)
+    if isinstance(scale, float) and abs(scale - SD_SCALING_FACTOR) < 1e-6:
+        raise DimbaLoadError(f"{name}: its scaling_factor is {SD_SCALING_FACTOR}, the SD 1.x/2.x VAE's; Dimba's "
+                             f"latents are the SDXL VAE's (scaling {SDXL_SCALING_FACTOR}), this one gives wrong "
+                             "colours: use the SDXL VAE (sdxl_vae.safetensors or its diffusers folder)")
+
+
 def native_resolution(model) -> int:
     """The pixel size the checkpoint was trained at: base_size latents x patch x VAE factor 8."""
     return model.config.base_size * model.config.patch_size * 8
@@ -77,12 +96,13 @@ class DimbaPipeline:
 
     def __init__(self, model, text_encoder, vae, device=None):
         model.config.check_caption_width(text_encoder.hidden_size)
+        check_vae(model, vae)
         self.model, self.text_encoder, self.vae = model, text_encoder, vae
         self.device = torch.device(device) if device else next(model.parameters()).device
         self._negative: tuple[str, torch.Tensor] | None = None  # (text, T5 embedding) of the last negative
 
     @classmethod
-    def from_files(cls, checkpoint, t5, vae, *, device=None, dtype=None, t5_device="cpu", t5_dtype=torch.float32,
+    def from_files(cls, checkpoint, t5, vae, *, device=None, dtype=None, t5_device="cpu", t5_dtype=None,
                    tokenizer=None, vae_dtype=torch.float32, **model_overrides) -> "DimbaPipeline":
         """Load the three parts from files/folders."""
         from .text import T5TextEncoder
@@ -92,8 +112,10 @@ class DimbaPipeline:
         t5_device = check_device(t5_device, "t5_device")
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         model = load_dimba(checkpoint, device=device, dtype=dtype, **model_overrides)
+        decoder = load_vae(vae, device=device, dtype=vae_dtype)
+        check_vae(model, decoder, vae)  # before T5 XXL loads, as train checks its data first
         text_encoder = T5TextEncoder.from_pretrained(t5, tokenizer=tokenizer, device=t5_device, dtype=t5_dtype)
-        return cls(model, text_encoder, load_vae(vae, device=device, dtype=vae_dtype), device=device)
+        return cls(model, text_encoder, decoder, device=device)
 
     @torch.inference_mode()
     def __call__(self, prompt: str, *, negative: str = "", width: int | None = None, height: int | None = None,
@@ -101,6 +123,10 @@ class DimbaPipeline:
                  sampler: str = "dpmpp_2m", seed: int = 0, batch: int = 1, callback=None) -> list[Generation]:
         """Generate `batch` images for one prompt; `aspect_ratio` ("h:w", the closest training bucket) or a
         `--ar h:w` / `--hw h:w` prompt suffix sets the size when width and height are not given."""
+        for what, text in (("prompt", prompt), ("negative", negative)):
+            if not isinstance(text, str):
+                raise ValueError(f"prompts must be strings: {what} is {type(text).__name__} {text!r:.60} "
+                                 "(one prompt a call; the negative prompt is text too, empty by default)")
         base = native_resolution(self.model)
         buckets = base if base in RESOLUTION_SETTINGS else 1024  # the bucket table the checkpoint was trained on
         prompt, size = parse_prompt(prompt, buckets)
@@ -108,7 +134,7 @@ class DimbaPipeline:
             size = closest_bucket(parse_ratio(aspect_ratio), buckets)
         if size and width is None and height is None:
             height, width = size
-        width, height = width or base, height or base
+        width, height = (base if v is None else v for v in (width, height))  # 0 is checked, not replaced
         check_size(width, height, 8 * self.model.config.patch_size)
         check_request(seed=seed, batch=batch, steps=steps, cfg_scale=cfg_scale, sampler=sampler)
         cond, mask = self.text_encoder.encode([prompt])  # batch 1: sample() broadcasts it to the noise batch

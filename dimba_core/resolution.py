@@ -26,8 +26,14 @@ def aspect_ratios(base: int = 1024) -> dict[float, tuple[int, int]]:
 
 
 def closest_bucket(ratio: float, base: int = 1024) -> tuple[int, int]:
-    """(height, width) of the bucket whose h/w is nearest to `ratio`."""
+    """(height, width) of the bucket whose h/w is nearest to `ratio`; a ratio beyond the table's ends (up to
+    infinity) takes the end bucket. The ratio is bounded to the table first: |r - ratio| ties in float for huge
+    ratios (1e30 - 4.0 == 1e30 - 0.25), while inside the table it picks what the reference's distance picks."""
     table = aspect_ratios(base)
+    ratio = float(ratio)
+    if not ratio >= 0:
+        raise ValueError(f"aspect ratio must be a positive number h/w, got {ratio!r}")
+    ratio = min(max(ratio, min(table)), max(table))
     return table[min(table, key=lambda r: abs(r - ratio))]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 import warnings
 from pathlib import Path
@@ -10,8 +11,8 @@ from pathlib import Path
 import torch
 from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
-from .weights import (DimbaLoadError, check_keys, check_weights_folder, key_prefix, load_guarded, open_safetensors,
-                      show, weights_source)
+from .weights import (DimbaLoadError, check_keys, check_weights_folder, headless_dtype, key_prefix, load_guarded,
+                      open_safetensors, show, weights_source)
 
 MAX_LENGTH = 300
 ANCHOR_KEY = "encoder.block.0.layer.0.SelfAttention.q.weight"
@@ -62,15 +63,61 @@ def find_tokenizer_dir(model_path, tokenizer=None) -> Path:
         "special_tokens_map.json) next to config.json in the model folder")
 
 
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+TOKENIZER_FIX = ("copy the T5 v1.1 tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json) "
+                 "into its folder again")
+
+
 def load_tokenizer(folder) -> T5TokenizerFast:
-    """Load a T5 fast tokenizer from a local folder (no network)."""
-    return T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    """Load a T5 fast tokenizer from a local folder (no network); a damaged file is one DimbaLoadError naming it."""
+    import json
+
+    folder = Path(folder)
+    for name in TOKENIZER_JSON:
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            value = json.loads(file.read_bytes())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DimbaLoadError(f"{file}: not valid JSON ({e}); the tokenizer file is truncated or damaged: "
+                                 f"{TOKENIZER_FIX}") from None
+        if not isinstance(value, dict):
+            raise DimbaLoadError(f"{file}: holds a JSON {type(value).__name__}, not the JSON object of a tokenizer "
+                                 f"file: {TOKENIZER_FIX}")
+    try:
+        return T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    except (ImportError, MemoryError, FileNotFoundError):
+        raise
+    except Exception as e:  # a tokenizer.json of another schema: KeyError, TypeError, tokenizers' Exception
+        file = folder / "tokenizer.json" if (folder / "tokenizer.json").is_file() else folder / "spiece.model"
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise DimbaLoadError(f"{file}: cannot load it as a T5 tokenizer ({type(e).__name__}: {first}); it is not "
+                             f"a Hugging Face tokenizer file of T5 v1.1: {TOKENIZER_FIX}") from None
+
+
+def check_vocab(tokenizer, rows: int, what: str = "the T5 encoder") -> None:
+    """A tokenizer whose ids reach beyond the encoder's embedding rows is refused when loading (T5 v1.1's
+    32100 tokens in 32128 rows are fine: fewer tokens than rows)."""
+    try:
+        size = max(tokenizer.get_vocab().values(), default=-1) + 1
+    except (AttributeError, TypeError, ValueError):  # a stand-in tokenizer without a vocabulary
+        return
+    if size > rows:
+        where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise DimbaLoadError(f"{where}: this tokenizer has {size} token ids but {what} has only {rows} embedding "
+                             f"rows; ids from {rows} up would fail: use the tokenizer this T5 encoder was trained with "
+                             "(T5 v1.1: 32100 tokens)")
 
 
 def tokenize(tokenizer, prompts, max_length=MAX_LENGTH):
     """Token ids and mask (B×max_length int64), padded; warns when a prompt is truncated."""
-    if isinstance(prompts, str):
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
         prompts = [prompts]
+    prompts = list(prompts)
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"prompts must be strings, got {type(bad[0]).__name__} {bad[0]!r:.60}")
     if max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {max_length}")
     for i, ids in enumerate(tokenizer(list(prompts))["input_ids"]):
@@ -129,18 +176,57 @@ def read_t5_file(path, dtype=torch.float32):
         except (ValueError, IndexError, TypeError, ZeroDivisionError) as err:
             raise DimbaLoadError(f"{path}: cannot infer the T5 config from its tensor shapes ({err}); the file is "
                                  "damaged or not a T5 v1.1 encoder") from None
-        state = {}
-        for key, name in weights.items():
-            t = f.get_tensor(name)
+        check_fp8_scales(path, f, names, weights, scales)
+    state = {}
+    for key, name in weights.items():
+        # the file opened (memory-mapped) anew for each tensor: the pages read are unmapped before the next one,
+        # so resident memory grows by the converted weights, not by the file as well
+        with open_safetensors(path) as f:
             module = key.rsplit(".", 1)[0]
             scale = scales.get(module + ".scale_weight", scales.get(key + "_scale"))
-            if scale is not None or t.dtype in FP8_DTYPES:
-                t = t.float()
-            if scale is not None:
-                s = f.get_tensor(scale).float()
-                t = t * (s.reshape(()) if s.numel() == 1 else s)
-            state[key] = t.to(torch.float32 if _keep_fp32(key, dtype) else dtype)
+            scale = None if scale is None else f.get_tensor(scale).float()
+            state[key] = read_tensor(f, name, torch.float32 if _keep_fp32(key, dtype) else dtype, scale)
     return state, config
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None)}
+
+
+def read_tensor(f, name, dtype, scale=None, chunk=1 << 22):
+    """One tensor of an open safetensors file in `dtype` (a float8 one upcast and times its scale), converted in
+    slices of about `chunk` values: no whole-tensor temporary in the file's dtype, so resident memory grows by the
+    result alone (whole-tensor temporaries stay in the allocator's heap and double the peak)."""
+    part = f.get_slice(name)
+    shape, stored = part.get_shape(), SAFETENSORS_DTYPES.get(part.get_dtype())
+    if (stored == dtype and scale is None) or not shape or (scale is not None and scale.numel() != 1):
+        t = f.get_tensor(name)
+        if scale is not None or t.dtype in FP8_DTYPES:
+            t = t.float() * (1 if scale is None else scale.reshape(-1)[0] if scale.numel() == 1 else scale)
+        return t.to(dtype)
+    out = torch.empty(shape, dtype=dtype)
+    rows = max(1, chunk // max(1, math.prod(shape[1:])))
+    for start in range(0, shape[0], rows):
+        piece = part[start:start + rows]
+        if scale is not None or piece.dtype in FP8_DTYPES:
+            piece = piece.float() * (1 if scale is None else scale.reshape(()))
+        out[start:start + rows] = piece
+    return out
+
+
+def check_fp8_scales(path, f, names: dict, weights: dict, scales: dict) -> None:
+    """A file with ComfyUI's `scaled_fp8` marker must hold a scale for each float8 weight (read from the header):
+    without it the weight would load unscaled, silently wrong."""
+    if "scaled_fp8" not in names and "scaled_fp8" not in f.keys():
+        return
+    missing = [k.rsplit(".", 1)[0] + ".scale_weight" for k, v in weights.items()
+               if f.get_slice(v).get_dtype().startswith("F8")
+               and k.rsplit(".", 1)[0] + ".scale_weight" not in scales and k + "_scale" not in scales]
+    if missing:
+        raise DimbaLoadError(f"{path}: a scaled fp8 T5 (it has the 'scaled_fp8' marker) without the scales of "
+                             f"{len(missing)} float8 weights: missing {show(missing)}; the file is incomplete or "
+                             "damaged: download t5xxl_fp8_e4m3fn_scaled.safetensors again, or use "
+                             "t5xxl_fp16.safetensors")
 
 
 def _build_from_file(path, dtype) -> T5EncoderModel:
@@ -160,31 +246,64 @@ def _build_from_file(path, dtype) -> T5EncoderModel:
 
 
 def _build_from_folder(path, dtype) -> T5EncoderModel:
-    """T5EncoderModel from a Hugging Face folder with .safetensors weights (no network, no pickles)."""
+    """T5EncoderModel from a Hugging Face folder: config.json and its .safetensors weights (shards too), read tensor
+    by tensor into dtype as single files are (no network, no pickles, no float32 copy)."""
     path = Path(path)
     check_weights_folder(path, "T5", "a single-file t5xxl .safetensors")
-    model, info = T5EncoderModel.from_pretrained(
-        str(path), dtype=dtype, local_files_only=True, use_safetensors=True, output_loading_info=True)
-    missing = [k for k in info.get("missing_keys", []) if k != "encoder.embed_tokens.weight"]
-    wrong = [str(k) for k in info.get("mismatched_keys", [])]
-    if missing or wrong:
-        report = "; ".join(f"{label}: {show(items)}" for label, items in (("missing keys", missing),
-                                                                          ("wrong shapes", wrong)) if items)
-        raise DimbaLoadError(f"{path}: T5 weights do not match config.json: {report}")
+    config = T5Config.from_pretrained(str(path), local_files_only=True)
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    where, shapes = {}, {}
+    for file in sorted(path.glob("*.safetensors")):
+        with open_safetensors(file) as f:
+            for key in f.keys():
+                name = "shared.weight" if key == "encoder.embed_tokens.weight" else key
+                if name in expected and name not in where:
+                    where[name] = (file, key)
+                    shapes[name] = f.get_slice(key).get_shape()
+    check_keys(expected, shapes, path, "its config.json (T5 weights)", unexpected_ok=True)
+    state = {}
+    for name, (file, key) in where.items():
+        with open_safetensors(file) as f:  # opened for each tensor, as in read_t5_file
+            state[name] = read_tensor(f, key, torch.float32 if _keep_fp32(name, dtype) else dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    if model.encoder.embed_tokens.weight.is_meta:
+        model.encoder.embed_tokens = model.shared
     return model
+
+
+def t5_dtype(dtype=None, device="cpu") -> torch.dtype:
+    """The T5 storage and compute dtype for a name ("bf16", "fp16", "fp32"), a torch float dtype or None (the
+    default: bf16, or fp16 on a CUDA GPU that has no bf16)."""
+    if dtype is not None:
+        return headless_dtype(dtype, "T5 dtype")
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
 
 
 class T5TextEncoder:
     """Prompt → (embeddings, mask) with a T5 encoder and its tokenizer."""
 
     def __init__(self, model: T5EncoderModel, tokenizer, *, dtype=None):
+        check_vocab(tokenizer, model.shared.weight.shape[0])
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self._dtype = dtype or model.shared.weight.dtype
 
     @classmethod
-    def from_pretrained(cls, path, *, tokenizer=None, device="cpu", dtype=torch.float32):
-        """Load from a Hugging Face folder or a single t5xxl .safetensors file."""
+    def from_pretrained(cls, path, *, tokenizer=None, device="cpu", dtype=None):
+        """Load from a Hugging Face folder or a single t5xxl .safetensors file.
+
+        dtype (a torch dtype or "bf16" / "fp16" / "fp32"): what the weights are stored and run in; default bf16
+        (T5 v1.1's own training dtype: half of float32's memory, 8.9 GiB instead of 17.7 GiB for T5-XXL, and
+        fast on CPUs with bf16 matrix units), fp16 on a CUDA GPU without bf16. Weights are read tensor by tensor
+        into that dtype, with no float32 or second copy of the model.
+        """
+        dtype = t5_dtype(dtype, device)
         kind, path = weights_source(path, "T5 model", "text_encoder")
         build = _build_from_folder if kind == "folder" else _build_from_file
         model = load_guarded(lambda: build(path, dtype), path, "T5 encoder")
@@ -223,16 +342,18 @@ class T5TextEncoder:
         return tokenize(self.tokenizer, prompts, max_length)
 
     @torch.inference_mode()
-    def encode(self, prompts, max_length=MAX_LENGTH):
-        """Embeddings B×L×C (encoder dtype/device) and mask B×L int64 for prompts padded to max_length."""
+    def encode(self, prompts, max_length=MAX_LENGTH, device=None):
+        """Embeddings B×L×C (encoder dtype) and mask B×L int64 for prompts padded to max_length, computed on
+        `device` (default the weights'; a host that streams weights names its compute device)."""
         ids, mask = tokenize(self.tokenizer, prompts, max_length)
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        device = self.device if device is None else device
+        ids, mask = ids.to(device), mask.to(device)
         emb = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return emb.to(self.dtype), mask
 
 
 __all__ = ["T5TextEncoder", "load_tokenizer", "tokenize", "find_tokenizer_dir",
-           "comfy_tokenizer_dir", "read_t5_file", "MAX_LENGTH"]
+           "comfy_tokenizer_dir", "read_t5_file", "t5_dtype", "MAX_LENGTH"]
 
 
 def __getattr__(name):

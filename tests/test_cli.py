@@ -155,3 +155,35 @@ def test_cli_reports_file_errors_without_traceback(assets, tmp_path):
                         "--vae", str(vae), "--prompt", "x", "--sampler", "nope", "--out", str(tmp_path / "o")],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr
+
+
+def test_bad_lora_and_vae_files_are_one_error_line(assets, tmp_path, capsys):
+    """A NaN LoRA, a LoRA strength that overflows the weights, and a 16-channel VAE are each an `error:` line
+    naming the file, exit code 2, no PNG (not "the model overflowed" after sampling, not a conv2d traceback)."""
+    from safetensors.torch import save_file
+
+    from test_pipeline import tiny_vae
+
+    g = torch.Generator().manual_seed(0)
+    lora = {"diffusion_model.blocks.0.attn.qkv.lora_up.weight": torch.randn(192, 2, generator=g) * 0.01,
+            "diffusion_model.blocks.0.attn.qkv.lora_down.weight": torch.randn(2, 64, generator=g) * 0.01}
+    save_file(lora, str(tmp_path / "ok.safetensors"))
+    save_file({**lora, "diffusion_model.blocks.0.attn.qkv.alpha": torch.tensor(float("nan"))},
+              str(tmp_path / "nan.safetensors"))
+    vae16 = tmp_path / "flux_like_vae"
+    tiny_vae(16, 0.3611).model.save_pretrained(vae16, safe_serialization=True)
+    ckpt, t5, _ = assets
+    cases = {"nan alpha": (["--lora", str(tmp_path / "nan.safetensors")], ["nan.safetensors", "alpha", "NaN"]),
+             "strength 1e300": (["--lora", f"{tmp_path / 'ok.safetensors'}:1e300"],
+                                ["ok.safetensors", "strength 1e+300", "blocks.0.attn.qkv.weight"]),
+             "16-channel VAE": (["--vae", str(vae16)], [str(vae16), "16-channel latents", "SDXL VAE"])}
+    for name, (extra, words) in cases.items():
+        out = tmp_path / name.replace(" ", "_")
+        code = main(args_for(assets, out, "--prompt", "x", "--width", "32", "--height", "32", *extra))
+        err = capsys.readouterr().err  # after transformers' "Loading weights" bar when T5 loaded first
+        last = err.strip().splitlines()[-1]
+        assert code == 2 and last.startswith("error: ") and err.count("error: ") == 1, (name, err)
+        assert all(w in last for w in words) and "overflowed" not in err and "Traceback" not in err, (name, err)
+        assert not list(out.glob("*.png")), name
+    assert main(args_for(assets, tmp_path / "fine", "--prompt", "x", "--width", "32", "--height", "32", "--lora",
+                         f"{tmp_path / 'ok.safetensors'}:0.5")) == 0

@@ -454,3 +454,95 @@ def test_vae_folder_without_weights_and_not_a_vae(tmp_path, vae_folder):
     (tmp_path / "noconf").mkdir()
     save_file({"a": torch.zeros(1)}, str(tmp_path / "noconf" / "diffusion_pytorch_model.safetensors"))
     assert "config.json" in vae_error(tmp_path / "noconf")
+
+
+# --- tokenizers and scaled fp8 T5 files ------------------------------------------------------------------
+
+def _copy_t5(t5_weights, tmp_path, name="t5") -> Path:
+    import shutil
+
+    return Path(shutil.copytree(t5_weights, tmp_path / name))
+
+
+@pytest.mark.parametrize("file,content", [
+    ("tokenizer.json", None),  # truncated
+    ("tokenizer.json", json.dumps({"version": "1.0", "model": {"type": "Unigram"}})),  # another schema: KeyError
+    ("tokenizer.json", "[1, 2]"),
+    ("tokenizer.json", ""),
+    ("tokenizer_config.json", "{oops"),
+    ("special_tokens_map.json", b"\xff\xfe"),
+])
+def test_damaged_tokenizer_file_is_named(t5_weights, tmp_path, file, content):
+    """A truncated or wrong-schema tokenizer file is one DimbaLoadError naming it and saying what to copy."""
+    folder = _copy_t5(t5_weights, tmp_path)
+    target = folder / file
+    if content is None:
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    elif isinstance(content, bytes):
+        target.write_bytes(content)
+    else:
+        target.write_text(content)
+    msg = t5_error(folder)
+    assert str(target) in msg and "copy the T5 v1.1 tokenizer files" in msg and "\n" not in msg, msg
+
+
+def test_tokenizer_with_more_ids_than_the_embedding_is_refused(t5_weights, tmp_path, shared_dir):
+    """Ids beyond the T5's embedding rows would fail deep in the embedding: refused when loading, naming the
+    tokenizer. Fewer tokens than rows is fine (T5 v1.1: 32100 tokens, 32128 rows)."""
+    from safetensors.torch import load_file
+
+    from dimba_core.text import T5TextEncoder
+
+    sd = load_file(t5_weights / "model.safetensors")
+    sd["shared.weight"] = sd["shared.weight"][:100].contiguous()
+    small = tmp_path / "t5_small_vocab.safetensors"
+    save_file(sd, str(small))
+    for tokenizer, ids in ((t5_weights, 192), (shared_dir / "t5", 32100)):
+        with pytest.raises(DimbaLoadError) as err:
+            T5TextEncoder.from_pretrained(small, tokenizer=tokenizer)
+        msg = str(err.value)
+        assert str(tokenizer) in msg and f"{ids} token ids" in msg and "only 100 embedding rows" in msg, msg
+    enc = T5TextEncoder.from_pretrained(t5_weights, tokenizer=shared_dir / "t5")  # 32100 tokens, 32128 rows
+    assert len(enc.tokenizer) == 32100 and enc.model.shared.weight.shape[0] == 32128
+    assert torch.isfinite(enc.encode(["a photo of a cat"], max_length=16)[0].float()).all()
+
+
+@pytest.mark.parametrize("prompts", [3, None, [b"a cat"], ["a cat", None]])
+def test_non_string_prompts_are_refused(t5_weights, prompts):
+    from dimba_core.text import T5TextEncoder
+
+    enc = T5TextEncoder.from_pretrained(t5_weights)
+    with pytest.raises(ValueError, match="prompts must be strings"):
+        enc.encode(prompts)
+
+
+def _scaled_fp8(t5_weights, prefix="") -> dict:
+    """The tiny T5 as ComfyUI's t5xxl_fp8_e4m3fn_scaled stores it: float8 linear weights, each with scale_weight."""
+    from safetensors.torch import load_file
+
+    sd = {prefix + "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for key, w in load_file(t5_weights / "model.safetensors").items():
+        if key.startswith("encoder.block.") and w.ndim == 2 and "relative_attention_bias" not in key:
+            scale = w.abs().max() / 448.0
+            sd[prefix + key] = (w / scale).to(torch.float8_e4m3fn)
+            sd[prefix + key[: -len("weight")] + "scale_weight"] = scale.reshape(1)
+        else:
+            sd[prefix + key] = w.half()
+    return sd
+
+
+@pytest.mark.parametrize("prefix", ["", "text_encoders.t5xxl.transformer."])
+def test_scaled_fp8_t5_without_its_scales_is_refused(t5_weights, tmp_path, prefix):
+    """The scaled_fp8 marker promises a scale per float8 weight; without them the weights would load unscaled."""
+    from dimba_core.text import T5TextEncoder
+
+    path = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"
+    sd = _scaled_fp8(t5_weights, prefix)
+    save_file(sd, str(path))
+    T5TextEncoder.from_pretrained(path, tokenizer=t5_weights)  # complete: loads
+    q = prefix + "encoder.block.0.layer.0.SelfAttention.q.scale_weight"
+    for dropped in ([q], [k for k in sd if k.endswith(".scale_weight")]):
+        save_file({k: v for k, v in sd.items() if k not in dropped}, str(path))
+        msg = t5_error(path)
+        assert str(path) in msg and "scaled_fp8" in msg and "encoder.block.0.layer.0.SelfAttention.q.scale_weight" \
+            in msg and f"of {len(dropped)} float8 weights" in msg, msg

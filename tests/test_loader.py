@@ -182,3 +182,28 @@ def test_comfyui_checkpoint_layout(tmp_path):
         save_file({**sd, "dimba_config": bad}, str(tmp_path / "bad.safetensors"))
         with pytest.raises(DimbaLoadError, match=why):
             load_dimba(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("dtype,word", [
+    (torch.float8_e4m3fn, "float8_e4m3fn stores weights in float8, which only ComfyUI"),
+    (torch.float8_e5m2, "float8_e5m2 stores weights in float8"), (torch.int8, "int8 cannot hold Dimba weights"),
+    (torch.bool, "bool cannot hold"), (torch.complex64, "complex64 cannot hold"),
+    ("fp8", "'fp8' is not a weight dtype"), ("half precision", "is not a weight dtype"), (16, "16 cannot hold")])
+def test_load_dtype_that_cannot_run_headless_is_refused_before_reading(dtype, word, monkeypatch):
+    """float8 storage needs an operations namespace that casts (ComfyUI); int, bool and complex never hold weights.
+    One ValueError naming the dtype and the ones to use, before the checkpoint is read."""
+    from dimba_core import loader
+
+    monkeypatch.setattr(loader, "read_checkpoint", lambda *a, **k: pytest.fail("read before checking the dtype"))
+    with pytest.raises(ValueError, match="load_dimba dtype") as err:
+        load_dimba(tiny_model().state_dict(), num_heads=4, dtype=dtype)
+    assert word in str(err.value) and "fp16, bf16, fp32" in str(err.value)
+
+
+@pytest.mark.parametrize("name,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32),
+                                        ("float16", torch.float16), ("BF16", torch.bfloat16)])
+def test_load_dtype_by_name(name, dtype):
+    """The CLI's --dtype names (and the torch names) work in the API too."""
+    model = load_dimba(tiny_model().state_dict(), num_heads=4, dtype=name)
+    assert model.dtype == model.blocks[0].attn.qkv.weight.dtype == dtype
+    assert torch.isfinite(run(model)).all()

@@ -397,3 +397,33 @@ def test_strength_must_be_finite():
     for strength in (float("nan"), float("inf"), "0.5"):
         with pytest.raises(ValueError, match="strength must be a finite number"):
             apply_lora(tiny_dimba(), {}, strength)
+
+
+def test_non_finite_loras_are_refused_naming_the_file_and_key(tmp_path):
+    """NaN / inf matrices or alpha, and a strength that overflows the merged weight, are one DimbaLoadError naming
+    the file (and the first bad key), and leave the model as it was."""
+    sd = trained_network(tiny_dimba()).to_comfy_state_dict()
+    up, alpha = D + LIN + ".lora_up.weight", D + LIN + ".alpha"
+    cases = {"nan matrix": ({**sd, up: torch.full_like(sd[up], float("nan"))}, 1.0, up),
+             "inf matrix": ({**sd, up: sd[up].clone().index_fill_(0, torch.tensor([0]), float("inf"))}, 1.0, up),
+             "nan alpha": ({**sd, alpha: torch.tensor(float("nan"))}, 1.0, alpha),
+             "inf alpha": ({**sd, alpha: torch.tensor(float("inf"))}, 1.0, alpha),
+             "fp8 inf": ({**sd, up: torch.full_like(sd[up], float("nan")).to(torch.float8_e5m2)}, 1.0, up),
+             "strength 1e300": (sd, 1e300, "strength 1e+300"),
+             "huge alpha": ({**sd, alpha: torch.tensor(3e38)}, 1e3, "strength 1000 makes")}
+    for case, (lora, strength, word) in cases.items():
+        path = tmp_path / f"{case.replace(' ', '_')}.safetensors"
+        save_file(lora, str(path))
+        model = tiny_dimba()
+        with pytest.raises(DimbaLoadError) as err:
+            apply_lora(model, path, strength)
+        msg = str(err.value)
+        assert str(path) in msg and word in msg and "\n" not in msg, (case, msg)
+        assert all(torch.equal(v, tiny_dimba().state_dict()[k]) for k, v in model.state_dict().items()), case
+    half = tiny_dimba().half()  # a strength float32 holds but float16 does not: the stored weight overflows
+    with pytest.raises(DimbaLoadError, match=r"makes blocks\.\d+\..* NaN or infinite \(beyond float16's range\)"):
+        apply_lora(half, sd, 1e6)
+    nan_model = tiny_dimba()  # a weight that was non-finite before the merge is not the LoRA's fault
+    with torch.no_grad():
+        nan_model.blocks[0].attn.qkv.weight[0, 0] = float("nan")
+    apply_lora(nan_model, sd)

@@ -40,7 +40,7 @@ def tiny(t5_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tiny):
     """Embeddings of PROMPTS from the tiny folder in float32."""
-    return T5TextEncoder.from_pretrained(tiny[0]).encode(PROMPTS, max_length=32)
+    return T5TextEncoder.from_pretrained(tiny[0], dtype=torch.float32).encode(PROMPTS, max_length=32)
 
 
 def test_tokenize_prompt_and_padding(tokenizer):
@@ -71,7 +71,7 @@ def test_tiny_matches_t5_v11_family(tiny, t5_dir):
 
 
 def test_folder_encode(tiny, reference):
-    enc = T5TextEncoder.from_pretrained(tiny[0])
+    enc = T5TextEncoder.from_pretrained(tiny[0], dtype="fp32")
     emb, mask = reference
     assert enc.hidden_size == 64 and enc.device.type == "cpu" and enc.dtype == torch.float32
     assert emb.shape == (2, 32, 64) and emb.dtype == torch.float32 and torch.isfinite(emb).all()
@@ -91,7 +91,7 @@ def test_single_file_matches_folder(tiny, reference, tmp_path, prefix, dtype, em
     sd[prefix + embed_key] = sd.pop(prefix + "shared.weight")
     path = tmp_path / "t5xxl_test.safetensors"
     save_file(sd, str(path))
-    emb, mask = T5TextEncoder.from_pretrained(path, tokenizer=folder).encode(PROMPTS, max_length=32)
+    emb, mask = T5TextEncoder.from_pretrained(path, tokenizer=folder, dtype=torch.float32).encode(PROMPTS, max_length=32)
     ref = reference[0]
     if dtype == torch.bfloat16:
         ref = _encode_weights(weights, folder, tmp_path)
@@ -103,7 +103,7 @@ def _encode_weights(weights, folder, tmp_path):
     """Embeddings of PROMPTS for float32 weights written as a plain single file."""
     path = tmp_path / "plain.safetensors"
     save_file(weights, str(path))
-    return T5TextEncoder.from_pretrained(path, tokenizer=folder).encode(PROMPTS, max_length=32)[0]
+    return T5TextEncoder.from_pretrained(path, tokenizer=folder, dtype=torch.float32).encode(PROMPTS, max_length=32)[0]
 
 
 def test_scaled_fp8_file(tiny, tmp_path):
@@ -121,7 +121,7 @@ def test_scaled_fp8_file(tiny, tmp_path):
             sd[key] = dequant[key] = w.half()
     path = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"
     save_file(sd, str(path))
-    enc = T5TextEncoder.from_pretrained(path, tokenizer=folder)
+    enc = T5TextEncoder.from_pretrained(path, tokenizer=folder, dtype=torch.float32)
     loaded = enc.model.state_dict()
     for key, w in weights.items():
         torch.testing.assert_close(loaded[key], dequant[key].float(), rtol=0, atol=1e-7)
@@ -135,7 +135,7 @@ def test_plain_fp8_file_is_upcast(tiny, tmp_path):
     sd = {k: v.to(torch.float8_e4m3fn) if k.startswith("encoder.block.") else v for k, v in weights.items()}
     path = tmp_path / "t5xxl_fp8_e4m3fn.safetensors"
     save_file(sd, str(path))
-    loaded = T5TextEncoder.from_pretrained(path, tokenizer=folder).model.state_dict()
+    loaded = T5TextEncoder.from_pretrained(path, tokenizer=folder, dtype=torch.float32).model.state_dict()
     for key, w in sd.items():
         assert loaded[key].dtype == torch.float32 and torch.equal(loaded[key], w.float()), key
 
@@ -201,3 +201,19 @@ def test_to_changes_dtype(tiny, reference):
     emb = enc.to(device="cpu", dtype=torch.float32).encode(PROMPTS, max_length=32)[0]
     assert emb.dtype == torch.float32 and enc.model.shared.weight.dtype == torch.float32
     torch.testing.assert_close(emb, reference[0], rtol=0.1, atol=0.1)
+
+
+def test_t5_defaults_to_bf16_close_to_float32(tiny, reference):
+    """T5 is stored and run in bf16 by default (half of float32's memory); names and torch dtypes are accepted,
+    other dtypes refused with the choices."""
+    enc = T5TextEncoder.from_pretrained(tiny[0])
+    assert enc.dtype == enc.model.shared.weight.dtype == torch.bfloat16
+    emb, mask = enc.encode(PROMPTS, max_length=32)
+    want, _ = reference
+    valid = mask.bool()
+    err = float((emb.float() - want)[valid].norm() / want[valid].norm())
+    assert emb.dtype == torch.bfloat16 and err < 2e-2, err
+    assert T5TextEncoder.from_pretrained(tiny[0], dtype="fp16").dtype == torch.float16
+    for bad in ("int8", torch.int8, torch.float8_e4m3fn):
+        with pytest.raises(ValueError, match="bf16"):
+            T5TextEncoder.from_pretrained(tiny[0], dtype=bad)
