@@ -15,6 +15,7 @@ import time
 import traceback
 import types
 
+import safetensors.torch
 import torch
 
 S = {}  # shared state filled by setup()
@@ -86,6 +87,79 @@ def test_t5_conditioning_is_the_headless_encoding():
     numel = sum(v.numel() for v in t5.encoder.model.state_dict().values())  # the tied embedding counted twice
     assert {p.dtype for p in t5.encoder.model.parameters()} == {torch.bfloat16}
     assert t5.patcher.model_size() <= 2 * numel + 4096
+
+
+def small_t5_v11_folder():
+    """A small random T5 v1.1-family encoder (T5 v1.1 vocabulary and gated-GELU; d_model 64) with ComfyUI's bundled
+    T5 tokenizer, as a Hugging Face folder; returns (folder, its config.json)."""
+    import shutil
+
+    import comfy.text_encoders.pixart_t5 as pixart
+    from transformers import T5Config, T5EncoderModel
+
+    folder = os.path.join(S["tmp"], "t5_small_v11")
+    if not os.path.isdir(folder):
+        torch.manual_seed(3)
+        config = T5Config(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                          feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+        config.dense_act_fn = "gelu_pytorch_tanh"  # as T5 v1.1 XXL's config names it (ComfyUI's T5 knows this name)
+        T5EncoderModel(config).save_pretrained(folder, safe_serialization=True)
+        tokenizer = os.path.join(os.path.dirname(pixart.__file__), "t5_tokenizer")
+        for name in os.listdir(tokenizer):
+            shutil.copy(os.path.join(tokenizer, name), folder)
+    return folder, os.path.join(folder, "config.json")
+
+
+def comfy_pixart_clip(folder, config_path, dtype):
+    """ComfyUI's own T5 path as CLIPLoader(type pixart) builds it (its T5 module, the PixArt tokenizer, a CLIP
+    ModelPatcher), with the small config instead of XXL's, loaded with the folder's weights."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    import comfy.text_encoders.pixart_t5 as pixart
+    import comfy.text_encoders.t5
+
+    class SmallT5(pixart.T5XXLModel):  # ComfyUI's T5XXLModel arguments, the small config
+        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, attention_mask=False,
+                     model_options={}):
+            comfy.sd1_clip.SDClipModel.__init__(
+                self, device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config=config_path, dtype=dtype,
+                special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                enable_attention_masks=attention_mask, return_attention_masks=attention_mask,
+                model_options={**model_options, "model_name": "t5xxl"})
+
+    class SmallPixArtT5(comfy.sd1_clip.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            super().__init__(device=device, dtype=dtype, name="t5xxl", clip_model=SmallT5, model_options=model_options)
+
+    clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(pixart.PixArtTokenizer, SmallPixArtT5),
+                         model_options={} if dtype is None else {"dtype": dtype})
+    clip.load_sd(safetensors.torch.load_file(os.path.join(folder, "model.safetensors")))
+    return clip
+
+
+def test_comfy_clip_path_gives_dimba_t5_conditioning():
+    """ComfyUI's T5 path (pixart CLIP + CLIPTextEncode) on the same weights as DimbaT5TextEncode: the same tokens
+    ("" is [EOS]) and embeddings within float rounding; over 300 tokens ComfyUI's tokenizer does not truncate while
+    Dimba's (the reference's) keeps 300."""
+    import nodes as comfy_nodes
+
+    folder, config_path = small_t5_v11_folder()
+    ours = S["host"].load_t5(folder, "cpu", "fp32")
+    for dtype, limit in ((torch.float32, 1e-5), (None, 2e-2)):  # None: ComfyUI's text-encoder dtype (fp16 on the CPU)
+        clip = comfy_pixart_clip(folder, config_path, dtype)
+        for prompt in ("a cat on a mat", "", "a photograph of an astronaut riding a horse, highly detailed"):
+            theirs = run_node(comfy_nodes.CLIPTextEncode, clip=clip, text=prompt)[0][0][0].float()
+            emb, mask = ours.encode(prompt, 300)[0]
+            n = int(mask["attention_mask"].sum())
+            assert theirs.shape[1] == n, (prompt, theirs.shape, n)  # the same tokens, no padding
+            err = rel(theirs, emb[:, :n])
+            print(f"CLIPTextEncode (pixart, {dtype or 'ComfyUI default'}) vs DimbaT5TextEncode fp32, {prompt!r}: "
+                  f"relative {err:.1e}")
+            assert err < limit, (prompt, dtype, err)
+    long = "cat " * 400
+    theirs = run_node(comfy_nodes.CLIPTextEncode, clip=clip, text=long)[0][0][0]
+    assert theirs.shape[1] > 300 and int(ours.encode(long, 300)[0][1]["attention_mask"].sum()) == 300
 
 
 def test_t5_partial_load_equals_full_load():
