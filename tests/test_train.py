@@ -86,6 +86,12 @@ def test_lora_overfits_four_images_and_loads_headless(env, lora_run):
     sd = load_file(str(lora_run["weights"]))
     assert all(k.startswith("diffusion_model.") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
                for k in sd)
+    from safetensors import safe_open
+
+    with safe_open(str(lora_run["weights"]), "pt") as f:  # rank 8; the dt_proj layers have 4 inputs: rank 4
+        meta = f.metadata()
+    assert meta["rank"] == "8" and set(json.loads(meta["layer_ranks"]).values()) == {4}
+    assert all(sd[f"diffusion_model.{k}.lora_down.weight"].shape[0] == 4 for k in json.loads(meta["layer_ranks"]))
     log = [json.loads(line) for line in (lora_run["out"] / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 21)) and all(np.isfinite(r["loss"]) for r in log)
 

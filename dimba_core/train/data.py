@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -52,40 +53,84 @@ def find_samples(data) -> list[Sample]:
 
 
 def _read_jsonl(path: Path) -> list[Sample]:
+    """Rows {"image": path (relative to the JSONL's folder), "caption": text}; a bad row is a ValueError naming
+    the file and the line."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raw = path.read_bytes()
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 text (bad byte 0x{raw[e.start]:02x}); save the JSONL "
+                         "as UTF-8") from None
     samples = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{path} line {n}"
         try:
             row = json.loads(line)
-            image, caption = row["image"], row["caption"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path} line {n}: expected a JSON object with 'image' and 'caption' ({e})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: expected a JSON object with 'image' and 'caption' ({e})") from None
+        if not isinstance(row, dict) or "image" not in row or "caption" not in row:
+            got = f"keys {sorted(row)}" if isinstance(row, dict) else f"a JSON {_json_type(row)}"
+            raise ValueError(f"{where}: expected a JSON object with 'image' and 'caption', got {got}")
+        image, caption = row["image"], row["caption"]
+        if not isinstance(image, str) or not image.strip() or "\0" in image:
+            got = repr(image) if isinstance(image, str) else _json_type(image)
+            raise ValueError(f"{where}: 'image' must be the path of an image file (a string), got {got}")
+        if not isinstance(caption, str):
+            raise ValueError(f"{where}: 'caption' must be text (a string), got {_json_type(caption)}; "
+                             'write "caption": "" for an image without a caption')
+        for name, value in (("image", image), ("caption", caption)):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{where}: '{name}' holds an unpaired surrogate escape (\\ud800-\\udfff), "
+                                 "which is not text; fix the row") from None
         image = Path(image)
-        samples.append(Sample(image if image.is_absolute() else path.parent / image, str(caption).strip()))
+        samples.append(Sample(image if image.is_absolute() else path.parent / image, caption.strip()))
     if not samples:
         raise ValueError(f"{path}: no samples")
     return samples
 
 
+def _json_type(value) -> str:
+    """The JSON name of a decoded value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    return {list: "a list", dict: "an object", str: "a string"}.get(type(value), type(value).__name__)
+
+
 def open_rgb(path: Path, min_side: int):
-    """The image as RGB (alpha composited on white), or a reason string why it cannot be used."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """The image as RGB (alpha composited on white), or a reason string why it cannot be used.
+
+    An image over PIL's pixel limit (Image.MAX_IMAGE_PIXELS x 2, e.g. a decompression bomb) is refused from its
+    header, before any pixel memory is allocated.
+    """
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
             img.load()
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            return f"unsupported mode {img.mode} (16-bit or float); save it as 8-bit RGB"
+        if min(img.size) < min_side:
+            return f"too small ({img.size[0]}x{img.size[1]} px, need at least {min_side} px on the shorter side)"
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img.convert("RGBA"))
+        return img.convert("RGB")
+    except MemoryError:
+        raise
+    except Image.DecompressionBombError as e:
+        return f"too large ({str(e).split(',')[0]}; a decompression bomb?)"
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, struct.error ... for damaged files
         return f"unreadable ({type(e).__name__})"
-    if img.mode in ("I", "I;16", "I;16B", "F"):
-        return f"unsupported mode {img.mode} (16-bit or float); save it as 8-bit RGB"
-    if min(img.size) < min_side:
-        return f"too small ({img.size[0]}x{img.size[1]} px, need at least {min_side} px on the shorter side)"
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img.convert("RGBA"))
-    return img.convert("RGB")
 
 
 def usable_images(samples: list[Sample], min_side: int) -> Iterator[tuple[Sample, Image.Image]]:
@@ -164,23 +209,73 @@ class LatentCache:
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         metadata = {"key": key, "encoders": encoders, "scaling_factor": str(self.scaling_factor),
                     "shift_factor": str(self.shift_factor)}
-        write_atomically(folder / "cache.safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        write_atomically(folder / CACHE_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, folder: Path, key: str | None = None, encoders: str | None = None) -> "LatentCache | None":
-        """The cache in folder if present and made for `key` and `encoders` (None: any), else None."""
-        from safetensors import safe_open
+        """The cache in folder if present and made for `key` and `encoders` (None: any), else None.
 
-        path = Path(folder) / "cache.safetensors"
+        A damaged cache (truncated, tensors missing or inconsistent, NaN) is warned about and treated as absent,
+        so that it is encoded again; a safetensors file of another kind under the cache's name is a ValueError
+        (it is not replaced).
+        """
+        from ..weights import DimbaLoadError, open_safetensors
+
+        path = Path(folder) / CACHE_FILE
         if not path.is_file():
             return None
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            if (key is not None and meta.get("key") != key) or (encoders and meta.get("encoders") != encoders):
-                return None
-            t = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with open_safetensors(path) as f:
+                meta = f.metadata() or {}
+                if "key" not in meta or "scaling_factor" not in meta:
+                    raise ValueError(f"{path} is not a latent cache of `dimba_core train` (its metadata has no "
+                                     "cache key); it is another file: move it away or choose another --cache-dir")
+                if (key is not None and meta.get("key") != key) or (encoders and meta.get("encoders") != encoders):
+                    return None
+                t = {k: f.get_tensor(k) for k in CACHE_TENSORS if k in f.keys()}
+        except DimbaLoadError:
+            return _damaged(path, "unreadable: truncated or corrupt")
+        problem = _cache_problem(t, meta)
+        if problem:
+            return _damaged(path, problem)
         return cls(t["mean"], t["std"], t["tokens"], t["lengths"], float(meta["scaling_factor"]),
-                   float(meta["shift_factor"]))
+                   float(meta.get("shift_factor", 0.0)))
+
+
+CACHE_FILE = "cache.safetensors"
+CACHE_TENSORS = ("mean", "std", "tokens", "lengths")
+
+
+def _damaged(path: Path, why: str) -> None:
+    warnings.warn(f"{path} is damaged ({why}); it is ignored and the data encoded again", stacklevel=3)
+    return None
+
+
+def _cache_problem(t: dict, meta: dict) -> str | None:
+    """Why cached tensors cannot be a cache (names, shapes, dtypes, finite values), or None."""
+    missing = [k for k in CACHE_TENSORS if k not in t]
+    if missing:
+        return f"no {', '.join(missing)} tensor"
+    mean, std, tokens, lengths = (t[k] for k in CACHE_TENSORS)
+    if mean.ndim != 4 or mean.shape[0] < 1 or std.shape != mean.shape or tokens.ndim != 2 or lengths.ndim != 1:
+        return (f"shapes mean {tuple(mean.shape)}, std {tuple(std.shape)}, tokens {tuple(tokens.shape)}, "
+                f"lengths {tuple(lengths.shape)} do not fit together")
+    if not all(x.is_floating_point() for x in (mean, std, tokens)) or lengths.dtype not in (torch.int32, torch.int64):
+        return "wrong tensor dtypes"
+    if len(lengths) != len(mean):
+        return f"{len(lengths)} caption lengths for {len(mean)} images"
+    if bool((lengths < 0).any()) or int(lengths.sum()) != tokens.shape[0]:
+        return f"the caption lengths add up to {int(lengths.sum())} tokens, {tokens.shape[0]} are stored"
+    try:
+        factors = float(meta["scaling_factor"]), float(meta.get("shift_factor", 0.0))
+    except ValueError:
+        return "unreadable scaling/shift factor"
+    if not all(map(math.isfinite, factors)):
+        return "a non-finite scaling/shift factor"
+    for name, x in (("mean", mean), ("std", std), ("tokens", tokens)):
+        if not bool(torch.isfinite(x).all()):
+            return f"{name} holds NaN or infinite values"
+    return None
 
 
 @torch.no_grad()
@@ -197,12 +292,21 @@ def encode_samples(images: Iterable[tuple[Sample, Image.Image]], size: int, t5, 
     images = iter(images)
     while chunk := list(itertools.islice(images, batch_size)):
         emb, mask = t5.encode([s.caption for s, _ in chunk], max_length=max_length)
+        if not bool(torch.isfinite(emb).all()):
+            bad = next(s.caption for (s, _), e in zip(chunk, emb) if not bool(torch.isfinite(e).all()))
+            raise ValueError(f"T5 in {str(t5.dtype).replace('torch.', '')} gave NaN or infinite embeddings for "
+                             f"the caption {bad[:60]!r}; encode with --t5-dtype bf16 or fp32")
         for e, m in zip(emb, mask):
             n = int(m.sum())
             tokens.append(e[:n].cpu())  # T5's dtype: bf16 on CUDA halves the cache (4096 x 2 bytes a token)
             lengths.append(n)
         x = torch.stack([image_tensor(img, size) for _, img in chunk])
         dist = vae.model.encode(x.to(vae.device, vae.dtype)).latent_dist
+        finite = torch.isfinite(dist.mean).flatten(1).all(1) & torch.isfinite(dist.std).flatten(1).all(1)
+        if not bool(finite.all()):
+            bad = chunk[int((~finite).nonzero()[0])][0].image
+            raise ValueError(f"the VAE gave NaN or infinite latents for {bad}; encode in float32 with the VAE "
+                             "the checkpoint was trained with")
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())
         bar.update(len(chunk))

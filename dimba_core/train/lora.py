@@ -60,12 +60,20 @@ class LoRANetwork(nn.Module):
         self.names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
         if not self.names:
             raise ValueError(f"no linear layer of the model matches the LoRA targets {targets}")
+        self.rank = rank
         self.layers = nn.ModuleDict()
         for name in self.names:
             lin = model.get_submodule(name)
+            # a layer with fewer than `rank` inputs or outputs gets its full rank (the same update space); its
+            # alpha keeps the scale alpha / rank of the others
             r = min(rank, lin.in_features, lin.out_features)
-            self.layers[name.replace(".", "__")] = LoRA(lin.in_features, lin.out_features, r, alpha or r)
+            layer_alpha = (alpha or rank) * (r / rank if r < rank else 1)
+            self.layers[name.replace(".", "__")] = LoRA(lin.in_features, lin.out_features, r, layer_alpha)
         self._handles: list = []
+
+    def reduced_ranks(self) -> dict:
+        """{module name: rank} of the layers whose rank is below the requested one (they allow no more)."""
+        return {n: lora.rank for n, lora in self.items() if lora.rank < self.rank}
 
     def items(self):
         """(module name, LoRA) pairs."""
