@@ -92,6 +92,9 @@ def check_generate_args(args, prompts) -> None:
         path, _ = parse_lora_spec(spec)
         if not Path(path).is_file():
             raise ValueError(f"--lora {spec}: no such file {path}")
+        from .lora import check_finite, read_lora
+
+        check_finite(*read_lora(path))  # a damaged LoRA fails before the model and T5 load
 
 
 def generate_main(args) -> None:
