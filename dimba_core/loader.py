@@ -21,14 +21,14 @@ import torch
 
 from .config import RESOLUTION_SETTINGS, DimbaConfig
 from .model import Dimba
-from .weights import DimbaLoadError, check_keys, headless_dtype, open_safetensors
+from .dtypes import FILE_DTYPES, headless_dtype
+from .weights import DimbaLoadError, check_keys, open_safetensors
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 PREFIXES = ("module.", "model.diffusion_model.", "diffusion_model.", "model.")
 OPTIONAL_BUFFERS = ("pos_embed", "y_embedder.y_embedding")  # unused at inference; zero-filled when absent
 CONFIG_KEY = "dimba_config"  # the config: safetensors metadata, or (ComfyUI saves) a uint8 tensor of JSON
 COMFY_PREFIX = "model.diffusion_model."  # the denoiser's keys in a ComfyUI checkpoint (CheckpointSave, ModelSave)
-WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2)
 SAFE_PICKLE_TORCH = (2, 6)  # before 2.6, torch.load(weights_only=True) can still run code (CVE-2025-32434)
 FILL_SLACK = 1 << 20  # values a zero-filled optional buffer may have beyond the checkpoint's own
 
@@ -176,7 +176,7 @@ def _select(raw, ema: bool, name: str) -> dict:
 def _check_tensors(sd: dict, name: str, from_file: bool) -> None:
     """Weights must be dense float tensors with data (dtype and layout only: no pass over the values)."""
     bad = [f"{k} ({str(v.dtype).replace('torch.', '')})" for k, v in sd.items()
-           if v.dtype not in WEIGHT_DTYPES or v.layout != torch.strided or (from_file and v.is_meta)]
+           if v.dtype not in FILE_DTYPES or v.layout != torch.strided or (from_file and v.is_meta)]
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise DimbaLoadError(f"{name}: Dimba weights must be dense float8/16/32/64 tensors, "
@@ -300,11 +300,6 @@ def resolve_config(sd: dict, stored: dict | None = None, overrides: dict | None 
         raise DimbaLoadError(f"{name}: {e}{hint}") from None
     _check_fill(sd, config, name)
     return config
-
-
-def infer_config(sd: dict, name: str = "<state dict>", **overrides) -> DimbaConfig:
-    """Derive the whole architecture from tensor shapes (num_heads, pe_interpolation come from overrides)."""
-    return resolve_config(sd, None, overrides, name)
 
 
 def _check_fill(sd: dict, config: DimbaConfig, name: str) -> None:

@@ -9,38 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-
-
-def wide(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64, else float32 (the dtype the scan's state, A, D and the delta bias use)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def table_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
-    """The dtype of small parameters the forward reads directly (norm weights, modulation tables): the weight
-    dtype, but float32 for 1-byte (float8) weights, which only an operations namespace's layers compute with."""
-    return torch.float32 if dtype is not None and dtype.itemsize == 1 else dtype
-
-
-def _fp32(t: torch.Tensor) -> torch.Tensor:
-    """At least float32 (float64 stays float64)."""
-    return t.to(wide(t.dtype))
-
-
-def cast_to(t: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
-    """A weight the forward reads directly, as `dtype` (default like's) on like's device; t itself if it already is.
-
-    Storage may differ from compute (float8 weights) and partial loading may leave it on another device.
-    """
-    dtype = like.dtype if dtype is None else dtype
-    if t is None or (t.dtype == dtype and t.device == like.device):
-        return t
-    return t.to(device=like.device, dtype=dtype)
-
-
-def _wide_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A or D in float32 (float64 stays float64) on like's device."""
-    return cast_to(t, like, wide(t.dtype))
+from .dtypes import cast_to, table_dtype, wide, widen
 
 
 def layer_weights(layer: nn.Module, like: torch.Tensor, bias_dtype: torch.dtype | None = None):
@@ -66,7 +35,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _fp32(x)
+        x = widen(x)
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * cast_to(self.weight, x)
 
 
@@ -145,8 +114,8 @@ class BiMambaMixer(nn.Module):
         with layer_weights(dt_proj, dt, wide(x.dtype)) as (dt_w, dt_b):
             delta = F.linear(dt, dt_w).transpose(1, 2)
             scan = ops.SCANS[backend]
-            return scan(x, delta.contiguous(), -torch.exp(_wide_like(A_log, x)), B.transpose(1, 2).contiguous(),
-                        C.transpose(1, 2).contiguous(), _wide_like(D, x), z.contiguous(),
+            return scan(x, delta.contiguous(), -torch.exp(widen(A_log, x)), B.transpose(1, 2).contiguous(),
+                        C.transpose(1, 2).contiguous(), widen(D, x), z.contiguous(),
                         delta_bias=dt_b, delta_softplus=True)
 
     def _forward_stacked(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -155,7 +124,7 @@ class BiMambaMixer(nn.Module):
         d, split = self.d_inner, [self.dt_rank, self.d_state, self.d_state]
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # b, d, L
         pair = lambda fwd, bwd: torch.stack([fwd, bwd])[:, None]  # noqa: E731  (direction, 1, ...)
-        f = lambda t: _wide_like(t, x)  # noqa: E731  (A, D: float32 on x's device)
+        f = lambda t: widen(t, x)  # noqa: E731  (A, D: float32 on x's device)
         with layer_weights(self.conv1d, x) as (cw, cb), layer_weights(self.conv1d_b, x) as (cw_b, cb_b):
             conv = ops.causal_conv1d(torch.cat([x, x.flip(-1)], dim=1), torch.cat([cw, cw_b]).squeeze(1),
                                      torch.cat([cb, cb_b]), "torch")
@@ -164,7 +133,7 @@ class BiMambaMixer(nn.Module):
             dt, B, C = torch.matmul(pair(x_w, x_w_b), xs).split(split, dim=2)
         with layer_weights(self.dt_proj, x, wide(x.dtype)) as (dt_w, dt_b), \
                 layer_weights(self.dt_proj_b, x, wide(x.dtype)) as (dt_w_b, dt_b_b):
-            delta = F.softplus(_fp32(torch.matmul(pair(dt_w, dt_w_b), dt)) + pair(dt_b, dt_b_b)[..., None])  # 2, b, d, L
+            delta = F.softplus(widen(torch.matmul(pair(dt_w, dt_w_b), dt)) + pair(dt_b, dt_b_b)[..., None])  # 2, b, d, L
         A = -torch.exp(pair(f(self.A_log), f(self.A_b_log)))
         y = ops.selective_scan_parallel(xs, delta, A, B, C, pair(f(self.D), f(self.D_b)))
         return self.out_proj(((y[0] + y[1].flip(-1)) * F.silu(z)).transpose(1, 2))  # the gate shared by both
@@ -174,7 +143,7 @@ class BiMambaMixer(nn.Module):
         from .ops.triton_scan import bidirectional_conv1d_silu, bidirectional_selective_scan_triton
 
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # b, d, L views of (b, L, 2d)
-        f = lambda t: _wide_like(t, x)  # noqa: E731  (A, D: float32 on x's device)
+        f = lambda t: widen(t, x)  # noqa: E731  (A, D: float32 on x's device)
         with layer_weights(self.conv1d, x) as (cw, cb), layer_weights(self.conv1d_b, x) as (cw_b, cb_b):
             x_f, x_b = bidirectional_conv1d_silu(x, cw.squeeze(1), cb, cw_b.squeeze(1), cb_b)
         split = [self.dt_rank, self.d_state, self.d_state]
@@ -199,5 +168,5 @@ class MambaBlock(nn.Module):
         self.mixer = BiMambaMixer(d_model, dtype=dtype, device=device, **mixer_kw)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None):
-        residual = _fp32(x) if residual is None else residual + _fp32(x)
+        residual = widen(x) if residual is None else residual + widen(x)
         return self.mixer(self.norm(residual).to(x.dtype)), residual

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import DimbaConfig
-from .mamba import MambaBlock, cast_to, table_dtype
+from .dtypes import cast_to, table_dtype
+from .mamba import MambaBlock
 
 
 def flat_mask(mask: torch.Tensor) -> torch.Tensor:

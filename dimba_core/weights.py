@@ -5,39 +5,7 @@ import contextlib
 from pathlib import Path
 
 
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}  # the weight dtypes offered by name
-
-
-def torch_dtype(name: str):
-    """torch.float16 for "fp16" (and likewise for the other names in DTYPES)."""
-    import torch
-
-    return getattr(torch, DTYPES[name])
-
-
-def headless_dtype(dtype, what: str = "dtype"):
-    """None, or the torch dtype the layers of dimba_core (torch.nn) can store and run weights in: a torch float
-    dtype (16, 32 or 64 bits) or a name of DTYPES ("fp16", "bf16", "fp32"; also "float16", ...); anything else
-    is a ValueError saying what to pass."""
-    import torch
-
-    if dtype is None:
-        return None
-    names = ", ".join(DTYPES)
-    if isinstance(dtype, str):
-        name = DTYPES.get(dtype.strip().lower(), dtype.strip().lower())
-        if name not in (*DTYPES.values(), "float64"):
-            raise ValueError(f"{what} {dtype!r} is not a weight dtype; use one of {names} (or a torch float dtype)")
-        return getattr(torch, name)
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize == 1:
-        raise ValueError(f"{what} {str(dtype).replace('torch.', '')} stores weights in float8, which only ComfyUI "
-                         "(or an operations namespace whose layers cast weights to the compute dtype) can run; "
-                         f"headless, use one of {names} (a float8 file loads as float32 by default)")
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        shown = str(dtype).replace("torch.", "") if isinstance(dtype, torch.dtype) else repr(dtype)
-        raise ValueError(f"{what} {shown} cannot hold Dimba weights; use one of {names} (or torch.float16, "
-                         "torch.bfloat16, torch.float32)")
-    return dtype
+from .dtypes import DTYPES, headless_dtype, torch_dtype  # noqa: F401  (moved to dtypes; trainer imports)
 
 
 class DimbaLoadError(ValueError):

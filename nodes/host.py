@@ -20,15 +20,13 @@ import comfy.utils
 import latent_preview
 from tqdm.auto import tqdm
 
-from ._dimba import dimba_core, loader, sampling, text, weights
+from ._dimba import dimba_core, dtypes, loader, sampling, text
+from .common import check_latent
 
 flat_mask = dimba_core.model.flat_mask
-from .loaders import FP8_DTYPES
-from .sampling import check_latent
-
 SCHEDULE = {"beta_schedule": "sqrt_linear", "linear_start": 1e-4, "linear_end": 0.02, "timesteps": 1000}
-DTYPES = {name: weights.torch_dtype(name) for name in weights.DTYPES}
-FP8 = {name: getattr(torch, dtype) for name, dtype in FP8_DTYPES.items()}
+DTYPES = {name: dtypes.torch_dtype(name) for name in dtypes.DTYPES}
+FP8 = {name: getattr(torch, dtype) for name, dtype in dtypes.FP8_DTYPES.items()}
 CONFIG_KEY = loader.CONFIG_KEY
 UNET_PREFIX = "model.diffusion_model."  # where ComfyUI checkpoints keep the denoiser (and the pack its config)
 log = logging.getLogger("ComfyUI-Dimba")

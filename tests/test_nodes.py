@@ -111,7 +111,7 @@ def test_resolution_default_is_the_published_checkpoints():
 ])
 def test_latent_errors_name_the_node_to_use(shape, words):
     from dimba_core import DimbaConfig
-    from nodes.sampling import check_latent
+    from nodes.common import check_latent
 
     config = DimbaConfig()
     with pytest.raises(ValueError) as err:
@@ -201,7 +201,7 @@ def test_tiny_assets(tmp_path, shared_dir):
     assert out.shape == (1, 8, 24, 40) and torch.isfinite(out).all() and 0.01 < out.std() < 10
 
 
-def test_packaging():
+def test_pyproject_mirrors_requirements_without_torch():
     """pyproject.toml mirrors requirements.txt for the Comfy registry, and neither installs torch."""
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dimba_core import Dimba, DimbaConfig
-from dimba_core.mamba import cast_to
+from dimba_test_helpers import TINY
+from dimba_core.dtypes import cast_to
 
-CFG = dict(hidden_size=32, depth=2, num_heads=2, caption_channels=16, model_max_length=8, base_size=4,
-           mamba_ratio=1.0)
+CFG = TINY
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm)
 
 
