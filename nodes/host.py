@@ -449,10 +449,12 @@ def sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_na
         log.warning("DimbaSampler: the MODEL carries ComfyUI sampling wrappers (%s), which only ComfyUI's samplers "
                     "run; use KSampler for them (EasyCache, LazyCache)", ", ".join(_sampling_wrappers(model)))
     denoiser = functools.partial(net, dtype=model.model.compute_dtype(), attention_options=options)
-    out = dimba_core.sample(
-        denoiser, to(noise), to(cond), to(uncond),
-        mask=to(mask), uncond_mask=None if u_mask is None else to(u_mask), steps=steps, cfg_scale=cfg,
-        sampler=sampler_name, seed=seed, callback=callback,
-        init_latent=to(latent.float() * scale) if denoise < 1.0 else None, denoise=denoise)
-    console.close()
+    try:  # the console bar is closed on Cancel too
+        out = dimba_core.sample(
+            denoiser, to(noise), to(cond), to(uncond),
+            mask=to(mask), uncond_mask=None if u_mask is None else to(u_mask), steps=steps, cfg_scale=cfg,
+            sampler=sampler_name, seed=seed, callback=callback,
+            init_latent=to(latent.float() * scale) if denoise < 1.0 else None, denoise=denoise)
+    finally:
+        console.close()
     return {"samples": (out.float() / scale).to(mm.intermediate_device())}

@@ -451,12 +451,22 @@ def test_console_progress_bar_and_cancel():
 
     sys.stderr.write("console bar check\n")
     S["sampler"].sample(S["model"], S["pos"], S["neg"], S["latent"], 0, 3, 4.5, "euler")  # tqdm on stderr
+    closed = []
+
+    class Recorded(S["host"].tqdm):  # the console bar DimbaSampler opens
+        def close(self):
+            closed.append(True)
+            super().close()
+
+    saved, S["host"].tqdm = S["host"].tqdm, Recorded
     mm.interrupt_current_processing(True)
     try:
         assert "Interrupt" in error(lambda: S["sampler"].sample(S["model"], S["pos"], S["neg"], S["latent"], 0, 2,
                                                                 4.5, "ddim"))
+        assert closed, "the console bar stayed open after Cancel"
     finally:
         mm.interrupt_current_processing(False)
+        S["host"].tqdm = saved
 
 
 def test_torch_compile_model():
