@@ -19,10 +19,7 @@ from dimba_core import Dimba, DimbaConfig, dimba_l_2
 from dimba_core.mamba import BiMambaMixer
 from dimba_core.ops import has_causal_conv1d, has_mamba_ssm, has_triton, selective_scan_cuda, selective_scan_parallel, \
     selective_scan_torch
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+from benchmarks._common import rel_err
 
 
 def scan_and_mixer_rows(dev):
@@ -44,7 +41,7 @@ def scan_and_mixer_rows(dev):
                     scans["cuda"] = selective_scan_cuda
                 for name, scan in scans.items():
                     rows.append(dict(what="scan", backend=name, L=L, dtype=str(dtype),
-                                     rel_err=rel(scan(**k, delta_softplus=True), ref)))
+                                     rel_err=rel_err(scan(**k, delta_softplus=True), ref)))
             torch.manual_seed(0)
             mixer = BiMambaMixer(1152, backend="ref").to(dev, dtype)
             with torch.no_grad():
@@ -55,7 +52,7 @@ def scan_and_mixer_rows(dev):
                 y_ref = mixer(x)
                 for name in ["parallel"] + ["cuda"] * has_mamba_ssm():
                     mixer.backend = name
-                    rows.append(dict(what="mixer", backend=name, L=L, dtype=str(dtype), rel_err=rel(mixer(x), y_ref)))
+                    rows.append(dict(what="mixer", backend=name, L=L, dtype=str(dtype), rel_err=rel_err(mixer(x), y_ref)))
                 mixer.backend = "ref"
     return rows
 
@@ -99,10 +96,10 @@ def capture_rows(dev, px=512, dtype=torch.float16):
                 sx.copy_(x)
                 graph.replay()
                 torch.cuda.synchronize()
-                row.update(ok=True, rel_err=rel(out, eager))
+                row.update(ok=True, rel_err=rel_err(out, eager))
                 sx.copy_(x.flip(-1))
                 graph.replay()
-                row["rel_err_new_input"] = rel(out, model(x.flip(-1), t, y, mask))
+                row["rel_err_new_input"] = rel_err(out, model(x.flip(-1), t, y, mask))
             except Exception as e:  # report, do not stop the other checks
                 row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
             rows.append(row)
@@ -121,7 +118,7 @@ def compile_rows(dev):
         with torch.no_grad():
             eager = model(x, t, y, mask)
             out = torch.compile(model, fullgraph=True)(x, t, y, mask)
-        row.update(ok=True, rel_err=rel(out, eager))
+        row.update(ok=True, rel_err=rel_err(out, eager))
     except Exception as e:
         row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
     return [row]

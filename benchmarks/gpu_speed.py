@@ -23,6 +23,7 @@ import torch
 
 from dimba_core import Dimba, dimba_l_2, noise_like, sample
 from dimba_core.ops import SCANS, has_mamba_ssm, has_triton, selective_scan_parallel
+from benchmarks._common import rel_err
 
 
 def cuda_ms(fn, warmup=2, repeats=5):
@@ -46,10 +47,6 @@ def peak_activation_gb(fn):
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 1e9
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def inputs(px, dtype):
@@ -103,7 +100,7 @@ def model_rows(sizes, dtypes, repeats):
                     ms = cuda_ms(run, repeats=repeats if backend != "torch" else 2)
                 row = dict(kind="model", name=name, backend=used, px=px, tokens=(px // 16) ** 2, dtype=str(dtype),
                            ms=ms, act_gb=peak_activation_gb(run), finite=bool(torch.isfinite(out).all()),
-                           rel_err_vs_fp32_ref=rel(out.cpu(), refs[px]) if mamba else None)
+                           rel_err_vs_fp32_ref=rel_err(out.cpu(), refs[px]) if mamba else None)
                 rows.append(row)
                 print(row, flush=True)
         del model, twin
@@ -147,7 +144,7 @@ def scan_rows(lengths, dtype=torch.float16):
             out = parallel()
             ms = cuda_ms(parallel)
         rows.append(dict(kind="scan", name="parallel_stacked", L=L, ms=ms, gbps=moved / ms / 1e6,
-                         rel_err=rel(out, ref) if ref is not None else None))
+                         rel_err=rel_err(out, ref) if ref is not None else None))
         for row in rows[first:]:
             print(row, flush=True)
     return rows

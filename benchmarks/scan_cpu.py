@@ -13,6 +13,7 @@ import torch
 
 from dimba_core.mamba import BiMambaMixer
 from dimba_core.ops import SCANS
+from benchmarks._common import rel_err
 
 
 def timed(fn, repeats):
@@ -22,10 +23,6 @@ def timed(fn, repeats):
         out = fn()
         best = min(best, time.perf_counter() - t0)
     return best, out
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def main():
@@ -67,7 +64,7 @@ def main():
                     best[backend] = min(sec, best.get(backend, sec))
             for backend in backends:
                 print(f"L {L:6d} {what:5s} {backend:9s} {best[backend]:8.3f} s  x{best[backend] / best['torch']:6.2f} "
-                      f"vs torch  rel err {rel(outs[backend], outs['torch']):.1e}", flush=True)
+                      f"vs torch  rel err {rel_err(outs[backend], outs['torch']):.1e}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ import triton
 
 from dimba_core.ops import has_mamba_ssm, selective_scan_cuda, selective_scan_torch
 from dimba_core.ops.triton_scan import bidirectional_selective_scan_triton
+from benchmarks._common import rel_err
 
 
 def main(argv=None):
@@ -61,13 +62,13 @@ def main(argv=None):
             bd, bl, nw = (int(v) for v in cfg.split("x"))
             run = lambda: bidirectional_selective_scan_triton(  # noqa: E731
                 **kw, block_d=bd, block_l=bl, num_warps=nw)
-            err = ((run().float() - ref).norm() / ref.norm()).item()
+            err = rel_err(run(), ref)
             t = median_ms(run)
             print(f"L={L:6d} triton {cfg:8s} {t:9.3f} ms {moved / t / 1e6:6.0f} GB/s  rel err {err:.2e}",
                   flush=True)
         if dev.type == "cuda" and has_mamba_ssm():
             run = lambda: two_scans(selective_scan_cuda, kw)  # noqa: E731
-            err = ((run().float() - ref).norm() / ref.norm()).item()
+            err = rel_err(run(), ref)
             print(f"L={L:6d} mamba-ssm x2 + flips {median_ms(run):9.3f} ms  rel err {err:.2e}", flush=True)
 
 

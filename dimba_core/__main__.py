@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .weights import DTYPES, torch_dtype
+from .dtypes import DTYPES, torch_dtype
 
 
 def convert_main(args) -> None:
@@ -124,7 +124,9 @@ def generate_main(args) -> None:
             print(path)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv=None) -> argparse.ArgumentParser:
+    """The parser for argv (default sys.argv[1:]). The train sub-command's parser imports the trainer (and
+    torch.distributed), so it is built only when argv's command is train; otherwise a stand-in lists it."""
     parser = argparse.ArgumentParser(prog="python -m dimba_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="convert a checkpoint to .safetensors with its config stored")
@@ -166,17 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="merge a LoRA (.safetensors) into the denoiser, strength 1 by default (repeatable)")
     gen.set_defaults(func=generate_main)
 
-    from .train.cli import add_train_parser
+    if _command(argv) == "train":
+        from .train.cli import add_train_parser
 
-    add_train_parser(sub)
+        add_train_parser(sub)
+    else:
+        sub.add_parser("train", help="fine-tune Dimba (LoRA or full) on images with captions")
     return parser
+
+
+def _command(argv) -> str | None:
+    """The sub-command argv names: its first argument that is not an option (the main parser has only -h)."""
+    return next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
 
 
 def main(argv=None) -> int:
     from .loader import DimbaLoadError
     from .pipeline import GenerationError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         args.func(args)
     except (DimbaLoadError, ValueError, OSError, ImportError, GenerationError) as e:

@@ -8,9 +8,7 @@ import numbers
 from dataclasses import dataclass
 
 
-# Reference constructor arguments that do not change the inference function.
-TRAINING_ONLY_ARGS = {"class_dropout_prob", "drop_path", "window_size", "window_block_indexes", "use_rel_pos",
-                      "config"}
+CAPTION_LENGTH = 300  # T5 tokens a caption is padded to: the reference's model_max_length
 
 INT_FIELDS = ("hidden_size", "depth", "num_heads", "patch_size", "in_channels", "caption_channels",
               "model_max_length", "d_state", "d_conv", "expand", "dt_rank", "base_size")
@@ -29,7 +27,7 @@ class DimbaConfig:
     learn_sigma: bool = True
     mlp_ratio: float = 4.0
     caption_channels: int = 4096
-    model_max_length: int = 300
+    model_max_length: int = CAPTION_LENGTH
     mamba_ratio: float = 1.0
     d_state: int = 16
     d_conv: int = 4
@@ -73,6 +71,11 @@ class DimbaConfig:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
     @property
+    def native_resolution(self) -> int:
+        """The pixel size the model was trained at: base_size latents x patch x VAE factor 8."""
+        return self.base_size * self.patch_size * 8
+
+    @property
     def mamba_depth(self) -> int:
         return int(self.mamba_ratio * self.depth)
 
@@ -113,13 +116,6 @@ class DimbaConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_reference(cls, input_size: int = 64, **kw) -> "DimbaConfig":
-        """From the reference constructor's arguments (input_size in latent pixels, pe_interpolation, ...)."""
-        aliases = {"lewei_scale": "pe_interpolation", "pred_sigma": "learn_sigma"}
-        kw = {aliases.get(k, k): v for k, v in kw.items() if k not in TRAINING_ONLY_ARGS}
-        return cls(base_size=input_size // kw.get("patch_size", 2), **kw)
 
     @classmethod
     def from_dict(cls, d: dict) -> "DimbaConfig":

@@ -72,13 +72,8 @@ def check_vae(model, vae, name="the VAE") -> None:
 
 
 def native_resolution(model) -> int:
-    """The pixel size the checkpoint was trained at: base_size latents x patch x VAE factor 8."""
-    return model.config.base_size * model.config.patch_size * 8
-
-
-def check_caption_width(width: int, config) -> None:
-    """Deprecated alias of DimbaConfig.check_caption_width (kept for one release)."""
-    config.check_caption_width(width)
+    """The pixel size the checkpoint was trained at (DimbaConfig.native_resolution)."""
+    return model.config.native_resolution
 
 
 @dataclass

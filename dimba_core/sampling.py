@@ -11,10 +11,11 @@ from typing import Callable
 
 import torch
 
+from .config import CAPTION_LENGTH
 from .model import flat_mask
 
-SAMPLERS = ("dpmpp_2m", "ddim", "iddpm", "euler", "sa_solver")
-DEFAULT_STEPS = {"dpmpp_2m": 20, "ddim": 50, "iddpm": 100, "euler": 30, "sa_solver": 25}
+# The reference's discrete schedule: linear betas from beta_start to beta_end over num_timesteps steps.
+SCHEDULE = {"num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
 
 
 # --- schedule -------------------------------------------------------------------------------------
@@ -22,7 +23,8 @@ DEFAULT_STEPS = {"dpmpp_2m": 20, "ddim": 50, "iddpm": 100, "euler": 30, "sa_solv
 class DiscreteSchedule:
     """The reference's discrete VP schedule: N = 1000 linear betas from 1e-4 to 0.02, kept in float64."""
 
-    def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+    def __init__(self, num_timesteps: int = SCHEDULE["num_timesteps"], beta_start: float = SCHEDULE["beta_start"],
+                 beta_end: float = SCHEDULE["beta_end"]):
         self.N = num_timesteps
         self.betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)
@@ -281,8 +283,13 @@ def sample_sa_solver(denoise, noise, schedule, steps, callback=None, init=None, 
     return x
 
 
-SAMPLER_FNS: dict[str, Callable] = {"dpmpp_2m": sample_dpmpp_2m, "ddim": sample_ddim, "iddpm": sample_iddpm,
-                                    "euler": sample_euler, "sa_solver": sample_sa_solver}
+# The samplers, the default first: name -> (function, default steps).
+_SAMPLER_TABLE: dict[str, tuple[Callable, int]] = {
+    "dpmpp_2m": (sample_dpmpp_2m, 20), "ddim": (sample_ddim, 50), "iddpm": (sample_iddpm, 100),
+    "euler": (sample_euler, 30), "sa_solver": (sample_sa_solver, 25)}
+SAMPLERS = tuple(_SAMPLER_TABLE)
+SAMPLER_FNS = {name: fn for name, (fn, _) in _SAMPLER_TABLE.items()}
+DEFAULT_STEPS = {name: steps for name, (_, steps) in _SAMPLER_TABLE.items()}
 STOCHASTIC = ("iddpm", "sa_solver")  # samplers that draw step noise (from a generator)
 
 
@@ -373,7 +380,7 @@ def check_inputs(noise, cond, uncond=None, mask=None, uncond_mask=None, init_lat
                              "with the same text encoder")
         if u_length != length:
             raise ValueError(f"uncond has {u_length} tokens but cond has {length}: pad both to one length "
-                             "(T5TextEncoder.encode pads to 300) and pass each one's mask")
+                             f"(T5TextEncoder.encode pads to {CAPTION_LENGTH}) and pass each one's mask")
     for name, m in (("mask", mask), ("uncond_mask", uncond_mask)):
         if m is None:
             continue

@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
-from .weights import (DimbaLoadError, check_keys, check_weights_folder, headless_dtype, key_prefix, load_guarded,
-                      open_safetensors, show, weights_source)
+from .dtypes import FLOAT8, headless_dtype
+from .weights import (DimbaLoadError, check_keys, check_weights_folder, key_prefix, load_guarded, open_safetensors,
+                      show, weights_source)
+from .config import CAPTION_LENGTH
 
-MAX_LENGTH = 300
+MAX_LENGTH = CAPTION_LENGTH
 ANCHOR_KEY = "encoder.block.0.layer.0.SelfAttention.q.weight"
-FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 QUANT_EXTRA = (".scale_input", ".input_scale", ".comfy_quant")
 
 
@@ -201,14 +202,14 @@ def read_tensor(f, name, dtype, scale=None, chunk=1 << 22):
     shape, stored = part.get_shape(), SAFETENSORS_DTYPES.get(part.get_dtype())
     if (stored == dtype and scale is None) or not shape or (scale is not None and scale.numel() != 1):
         t = f.get_tensor(name)
-        if scale is not None or t.dtype in FP8_DTYPES:
+        if scale is not None or t.dtype in FLOAT8:
             t = t.float() * (1 if scale is None else scale.reshape(-1)[0] if scale.numel() == 1 else scale)
         return t.to(dtype)
     out = torch.empty(shape, dtype=dtype)
     rows = max(1, chunk // max(1, math.prod(shape[1:])))
     for start in range(0, shape[0], rows):
         piece = part[start:start + rows]
-        if scale is not None or piece.dtype in FP8_DTYPES:
+        if scale is not None or piece.dtype in FLOAT8:
             piece = piece.float() * (1 if scale is None else scale.reshape(()))
         out[start:start + rows] = piece
     return out
@@ -354,15 +355,3 @@ class T5TextEncoder:
 
 __all__ = ["T5TextEncoder", "load_tokenizer", "tokenize", "find_tokenizer_dir",
            "comfy_tokenizer_dir", "read_t5_file", "t5_dtype", "MAX_LENGTH"]
-
-
-def __getattr__(name):
-    if name == "save_tiny_t5":  # moved in 0.2: deprecated alias for one release
-        import warnings
-
-        from .tiny_assets import write_tiny_t5
-
-        warnings.warn("dimba_core.text.save_tiny_t5 moved to dimba_core.tiny_assets.write_tiny_t5", DeprecationWarning,
-                      stacklevel=2)
-        return lambda out_dir, tokenizer_dir, **kw: write_tiny_t5(out_dir, tokenizer=tokenizer_dir, **kw)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

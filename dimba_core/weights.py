@@ -5,9 +5,6 @@ import contextlib
 from pathlib import Path
 
 
-from .dtypes import DTYPES, headless_dtype, torch_dtype  # noqa: F401  (moved to dtypes; trainer imports)
-
-
 class DimbaLoadError(ValueError):
     """A weight file that cannot be loaded; the message names the file, says why and what to do."""
 

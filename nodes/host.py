@@ -24,7 +24,8 @@ from ._dimba import dimba_core, dtypes, loader, sampling, text
 from .common import check_latent
 
 flat_mask = dimba_core.model.flat_mask
-SCHEDULE = {"beta_schedule": "sqrt_linear", "linear_start": 1e-4, "linear_end": 0.02, "timesteps": 1000}
+SCHEDULE = {"beta_schedule": "sqrt_linear", "linear_start": sampling.SCHEDULE["beta_start"],  # ComfyUI's names
+            "linear_end": sampling.SCHEDULE["beta_end"], "timesteps": sampling.SCHEDULE["num_timesteps"]}
 DTYPES = {name: dtypes.torch_dtype(name) for name in dtypes.DTYPES}
 FP8 = {name: getattr(torch, dtype) for name, dtype in dtypes.FP8_DTYPES.items()}
 CONFIG_KEY = loader.CONFIG_KEY

@@ -1,12 +1,10 @@
 """Loader and text nodes: Dimba checkpoints, T5 encoders, prompt encoding."""
 import os
 
-from ._dimba import weights
+from ._dimba import dimba_core
+from .common import DTYPE_CHOICES, WEIGHT_DTYPE_CHOICES, host
 
-DTYPE_CHOICES = ["default", *weights.DTYPES]
-# ComfyUI's Load Diffusion Model's float8 weight dtypes (torch dtype names), offered with fp16/bf16/fp32
-FP8_DTYPES = {"fp8_e4m3fn": "float8_e4m3fn", "fp8_e4m3fn_fast": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
-WEIGHT_DTYPE_CHOICES = ["default", *FP8_DTYPES, *weights.DTYPES]
+CAPTION_LENGTH = dimba_core.config.CAPTION_LENGTH
 
 
 def _folder_paths():
@@ -16,12 +14,6 @@ def _folder_paths():
     except ImportError:
         return None
     return folder_paths
-
-
-def _host():
-    from . import host
-
-    return host
 
 
 def checkpoint_names():
@@ -92,7 +84,7 @@ class DimbaCheckpointLoader:
     DESCRIPTION = "Loads a Dimba (Transformer-Mamba) diffusion checkpoint as a ComfyUI MODEL."
 
     def load(self, ckpt_name, weight_dtype="default"):
-        return (_host().load_model(checkpoint_path(ckpt_name), weight_dtype),)
+        return (host().load_model(checkpoint_path(ckpt_name), weight_dtype),)
 
 
 class DimbaT5Loader:
@@ -115,7 +107,7 @@ class DimbaT5Loader:
     DESCRIPTION = "Loads the T5 text encoder that Dimba prompts are encoded with."
 
     def load(self, t5_name, device="default", dtype="default"):
-        return (_host().load_t5(t5_path(t5_name), device, dtype),)
+        return (host().load_t5(t5_path(t5_name), device, dtype),)
 
 
 class DimbaT5TextEncode:
@@ -128,10 +120,11 @@ class DimbaT5TextEncode:
         }}
 
     RETURN_TYPES = ("CONDITIONING",)
-    OUTPUT_TOOLTIPS = ("T5 embedding (300 tokens) with its attention mask.",)
+    OUTPUT_TOOLTIPS = (f"T5 embedding ({CAPTION_LENGTH} tokens) with its attention mask.",)
     FUNCTION = "encode"
     CATEGORY = "Dimba/conditioning"
-    DESCRIPTION = "Encodes a prompt with T5 into conditioning for Dimba, padded to 300 tokens with a mask."
+    DESCRIPTION = (f"Encodes a prompt with T5 into conditioning for Dimba, padded to {CAPTION_LENGTH} tokens with "
+                   "a mask.")
 
     def encode(self, t5, text):
-        return (t5.encode(text, max_length=300),)
+        return (t5.encode(text, max_length=CAPTION_LENGTH),)

@@ -1,30 +1,11 @@
 """Sampling nodes: the paper's samplers and the reference resolution buckets."""
 from ._dimba import dimba_core, resolution
+from .common import host
 
 RESOLUTION_SETTINGS = dimba_core.config.RESOLUTION_SETTINGS
 
 RATIOS = [str(r) for r in resolution.ASPECT_RATIOS_1024]
-SAMPLER_NAMES = ["dpmpp_2m"] + [s for s in dimba_core.SAMPLERS if s != "dpmpp_2m"]
-LATENT_HINT = {16: "an SD3/Flux latent, e.g. from EmptySD3LatentImage, which is not for Dimba"}
-
-
-def check_latent(shape, config):
-    """DimbaConfig.check_latent, with the ComfyUI node to use in the message."""
-    shape = tuple(shape)
-    try:
-        config.check_latent(shape)
-    except ValueError as err:
-        if len(shape) == 4 and shape[1] != config.in_channels:
-            hint = LATENT_HINT.get(shape[1], "not an SDXL latent")
-            raise ValueError(f"latent_image has {shape[1]} channels ({hint}); Dimba uses the SDXL VAE's "
-                             f"{config.in_channels}-channel latents: use EmptyLatentImage for text-to-image, or "
-                             "VAEEncode with the SDXL VAE for image-to-image") from None
-        if len(shape) == 4:
-            side = 8 * config.patch_size
-            raise ValueError(f"{err}: got {shape[-1] * 8} x {shape[-2] * 8} px; use DimbaResolutionSelect or round "
-                             f"EmptyLatentImage to a multiple of {side}") from None
-        raise ValueError(f"latent_image is {len(shape)}-D {shape}, not B x {config.in_channels} x H x W; use "
-                         "EmptyLatentImage for text-to-image, or VAEEncode for image-to-image") from None
+SAMPLER_NAMES = list(dimba_core.SAMPLERS)  # dpmpp_2m, the default, first
 
 
 class DimbaSampler:
@@ -55,9 +36,7 @@ class DimbaSampler:
     DESCRIPTION = "Samples a Dimba model with the reference samplers, matching headless dimba_core for a seed."
 
     def sample(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, denoise=1.0):
-        from . import host
-
-        return (host.sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_name, denoise),)
+        return (host().sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_name, denoise),)
 
 
 class DimbaResolutionSelect:

@@ -187,3 +187,25 @@ def test_bad_lora_and_vae_files_are_one_error_line(assets, tmp_path, capsys):
         assert not list(out.glob("*.png")), name
     assert main(args_for(assets, tmp_path / "fine", "--prompt", "x", "--width", "32", "--height", "32", "--lora",
                          f"{tmp_path / 'ok.safetensors'}:0.5")) == 0
+
+
+# Runs the command line in this process, then reports whether the trainer package was imported.
+IMPORTS_TRAINER = """
+import runpy, sys
+sys.argv = ["dimba_core", *sys.argv[1:]]
+try:
+    runpy.run_module("dimba_core", run_name="__main__")
+except SystemExit:
+    pass
+print("trainer imported:", "dimba_core.train" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("argv, trainer", [(["convert", "--help"], False), (["generate", "--seed", "x"], False),
+                                           (["--help"], False), (["train", "--help"], True)])
+def test_only_train_imports_the_trainer(tmp_path, argv, trainer):
+    r = subprocess.run([sys.executable, "-c", IMPORTS_TRAINER, *argv], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert f"trainer imported: {trainer}" in r.stdout, r.stdout + r.stderr
+    if argv == ["--help"]:
+        assert "train" in r.stdout and "fine-tune" in r.stdout

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from dimba_core import Dimba, DimbaConfig
+from dimba_test_helpers import TINY
 
 DEVICE = os.environ.get("DIMBA_TEST_DEVICE", "cpu")
 
 
 def setup(backend):
-    cfg = DimbaConfig(hidden_size=32, depth=2, num_heads=2, caption_channels=16, model_max_length=8, base_size=4,
-                      mamba_ratio=1.0)
+    cfg = DimbaConfig(**TINY)
     torch.manual_seed(0)
     model = Dimba(cfg, scan_backend=backend).to(DEVICE)
     x, y = torch.randn(2, 4, 8, 8, device=DEVICE), torch.randn(2, 1, 8, 16, device=DEVICE)

@@ -10,15 +10,14 @@ import torch
 from safetensors.torch import save_file
 
 from dimba_core import Dimba, DimbaConfig, DimbaLoadError, convert, load_dimba, loader, save_safetensors
+from dimba_test_helpers import TINY_HALF_MAMBA
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(hidden_size=32, depth=4, num_heads=4, caption_channels=16, model_max_length=8, base_size=4,
-            mamba_ratio=0.5)
 
 
 def tiny_sd(**kw) -> dict:
     torch.manual_seed(0)
-    return Dimba(DimbaConfig(**{**TINY, **kw})).state_dict()
+    return Dimba(DimbaConfig(**{**TINY_HALF_MAMBA, **kw})).state_dict()
 
 
 def load_error(source, **kw) -> str:
@@ -151,7 +150,7 @@ def test_upper_case_suffix_loads(tmp_path):
 # --- config metadata -------------------------------------------------------------------------------------
 
 def stored(**kw) -> dict:
-    return {**DimbaConfig(**TINY).to_dict(), **kw}
+    return {**DimbaConfig(**TINY_HALF_MAMBA).to_dict(), **kw}
 
 
 BAD_METADATA = {
@@ -227,7 +226,7 @@ def test_bad_overrides(no_big_build):
                                  dict(learn_sigma="yes")])
 def test_config_rejects_nonsense(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
-        DimbaConfig(**{**TINY, **bad})
+        DimbaConfig(**{**TINY_HALF_MAMBA, **bad})
 
 
 # --- pickles on old torch --------------------------------------------------------------------------------

@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from dimba_core import Dimba, DimbaConfig, DimbaLoadError, load_dimba, save_safetensors
-
+from dimba_core.loader import CONFIG_KEY
+from dimba_test_helpers import TINY_HALF_MAMBA
 
 
 def tiny_model(**kw):
-    cfg = dict(hidden_size=32, depth=4, num_heads=4, caption_channels=16, model_max_length=8, base_size=4,
-               mamba_ratio=0.5)
     torch.manual_seed(1)
-    model = Dimba(DimbaConfig(**{**cfg, **kw})).eval()
+    model = Dimba(DimbaConfig(**{**TINY_HALF_MAMBA, **kw})).eval()
     for p in model.parameters():  # randomise everything so that no path is zero
         p.data.normal_(0, 0.2)
     return model
@@ -172,14 +171,14 @@ def test_comfyui_checkpoint_layout(tmp_path):
     model = tiny_model()
     config = torch.frombuffer(bytearray(model.config.to_json().encode()), dtype=torch.uint8)
     sd = {"model.diffusion_model." + k: v for k, v in model.state_dict().items()}
-    sd.update({"first_stage_model.decoder.conv_in.weight": torch.zeros(2, 2), "dimba_config": config,
+    sd.update({"first_stage_model.decoder.conv_in.weight": torch.zeros(2, 2), CONFIG_KEY: config,
                "cond_stage_model.transformer.shared.weight": torch.zeros(3)})
     save_file(sd, str(tmp_path / "comfy.safetensors"))
     loaded = load_dimba(tmp_path / "comfy.safetensors")
     assert loaded.config == model.config and torch.equal(run(loaded), run(model))
     for bad, why in ((torch.zeros(3), "uint8"), (torch.tensor(list(b"[1, 2]"), dtype=torch.uint8), "JSON object"),
                      (torch.tensor([255, 254], dtype=torch.uint8), "UTF-8")):
-        save_file({**sd, "dimba_config": bad}, str(tmp_path / "bad.safetensors"))
+        save_file({**sd, CONFIG_KEY: bad}, str(tmp_path / "bad.safetensors"))
         with pytest.raises(DimbaLoadError, match=why):
             load_dimba(tmp_path / "bad.safetensors")
 

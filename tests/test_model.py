@@ -4,11 +4,7 @@ import pytest
 import torch
 
 from dimba_core import PRESETS, Dimba, DimbaConfig
-
-
-def rel_err(a, b):
-    """Relative L2 error of a against b, in float64."""
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+from dimba_test_helpers import TINY, rel_err
 
 
 CASES = {  # golden output -> (model, latent input, use the mask)
@@ -66,9 +62,8 @@ def test_mamba_interleaving_follows_reference():
 
 
 def tiny(**kw):
-    cfg = dict(hidden_size=32, depth=3, num_heads=2, caption_channels=16, model_max_length=8, base_size=4)
     torch.manual_seed(0)
-    return Dimba(DimbaConfig(**{**cfg, **kw})).eval()
+    return Dimba(DimbaConfig(**{**TINY, "depth": 3, **kw})).eval()
 
 
 def test_unseen_configuration_runs_and_backends_agree():

@@ -3,6 +3,7 @@
 DIMBA_TEST_DEVICE=cuda runs the same tests on a GPU (there the goldens also run the `cuda` and `triton`
 backends when they are installed).
 """
+import functools
 import os
 
 import pytest
@@ -11,24 +12,12 @@ import torch
 from dimba_core import Dimba, DimbaConfig, ops
 from dimba_core.mamba import BiMambaMixer
 from dimba_core.ops import selective_scan_parallel, selective_scan_ref
+from dimba_test_helpers import TINY, rel_err, scan_inputs
 
 DEVICE = os.environ.get("DIMBA_TEST_DEVICE", "cpu")
 
 
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def inputs(b=2, d=8, n=16, length=37, seed=0, dtype=torch.float32, lead=()):
-    """Random scan inputs in mamba-ssm's layout; `lead` adds leading dims (A, D, delta_bias get them too)."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    one = (1,) * (len(lead) > 0)
-    kw = dict(u=r(*lead, b, d, length).to(dtype), delta=(0.5 * r(*lead, b, d, length)).to(dtype),
-              A=-torch.exp(r(*lead, *one, d, n)), B=r(*lead, b, n, length).to(dtype),
-              C=r(*lead, b, n, length).to(dtype), D=r(*lead, *one, d), z=r(*lead, b, d, length).to(dtype),
-              delta_bias=0.5 * r(*lead, *one, d), delta_softplus=True)
-    return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+inputs = functools.partial(scan_inputs, device=DEVICE)
 
 
 @pytest.mark.parametrize("length, d, block", [
@@ -160,10 +149,8 @@ def test_mixer_gradients_match_ref():
 
 
 def tiny(**kw):
-    cfg = dict(hidden_size=32, depth=2, num_heads=2, caption_channels=16, model_max_length=8, base_size=4,
-               mamba_ratio=1.0)
     torch.manual_seed(0)
-    return Dimba(DimbaConfig(**{**cfg, **kw})).to(DEVICE)
+    return Dimba(DimbaConfig(**{**TINY, **kw})).to(DEVICE)
 
 
 def test_training_through_auto_and_torch_refuses_backprop():

@@ -4,6 +4,7 @@ import torch
 
 from dimba_core import Dimba, DimbaConfig, DimbaPipeline
 from dimba_core.resolution import aspect_ratios, closest_bucket, parse_prompt, parse_ratio
+from dimba_test_helpers import TINY
 
 
 class CountingEncoder:
@@ -35,8 +36,7 @@ class ShapeVAE:
 
 def pipeline():
     torch.manual_seed(0)
-    model = Dimba(DimbaConfig(hidden_size=32, depth=2, num_heads=2, caption_channels=16, model_max_length=8,
-                              base_size=4)).eval()
+    model = Dimba(DimbaConfig(**TINY)).eval()
     return DimbaPipeline(model, CountingEncoder(), ShapeVAE(), device="cpu")
 
 

@@ -1,17 +1,15 @@
 """Selective-scan backends against the naive reference scan."""
+import functools
+
 import pytest
 import torch
 
 from dimba_core.ops import causal_conv1d, selective_scan_ref, selective_scan_torch
 from dimba_core.ops.causal_conv1d import causal_conv1d_torch
+from dimba_test_helpers import scan_inputs
 
 
-def inputs(b=2, d=24, n=16, length=37, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    return dict(u=r(b, d, length).to(dtype), delta=(0.5 * r(b, d, length)).to(dtype),
-                A=-torch.exp(r(d, n)), B=r(b, n, length).to(dtype), C=r(b, n, length).to(dtype), D=r(d),
-                z=r(b, d, length).to(dtype), delta_bias=0.5 * r(d), delta_softplus=True)
+inputs = functools.partial(scan_inputs, d=24)
 
 
 @pytest.mark.parametrize("length, chunk", [(1, 8), (37, 8), (64, 16), (100, 128)])

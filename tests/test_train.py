@@ -13,34 +13,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dimba_core import apply_lora, load_dimba
-from dimba_core.tiny_assets import write_tiny_assets
 from dimba_core.train import TrainOptions, train, training_losses
 from dimba_core.train.data import LatentCache, find_samples, usable_images
 
 ROOT = Path(__file__).resolve().parents[1]
-CAPTIONS = ["a red square", "a blue circle", "green stripes", "a yellow dot"]
-
-
-def write_images(folder: Path, n: int = 4) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        a = np.zeros((80, 96, 3), np.uint8)
-        a[..., i % 3] = 200
-        a[:: 4 + 2 * i] = 255
-        Image.fromarray(a).save(folder / f"img{i}.png")
-        (folder / f"img{i}.txt").write_text(CAPTIONS[i % len(CAPTIONS)])
-    return folder
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    pytest.importorskip("diffusers")
-    root = tmp_path_factory.mktemp("train")
-    paths = write_tiny_assets(root / "models")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is several times faster than two on a busy 2-core box
-    yield dict(root=root, data=write_images(root / "data"), cache=root / "cache", **paths)
-    torch.set_num_threads(threads)
+# env, train_cache and write_images are tests/conftest.py's fixtures
 
 
 def options(env, out, **kw) -> TrainOptions:
@@ -67,8 +44,8 @@ def eval_mse(model, cache: LatentCache) -> float:
 
 
 @pytest.fixture(scope="module")
-def lora_run(env):
-    """A LoRA trained hard on the 4 images (also encodes the shared cache)."""
+def lora_run(env, train_cache):
+    """A LoRA trained hard on the 4 images."""
     out = env["root"] / "lora"
     result = train(options(env, out, steps=20, lr=1e-2, lora_rank=8, max_grad_norm=1.0, class_dropout_prob=0.0))
     return dict(result, out=out)
@@ -102,11 +79,11 @@ def test_generate_with_lora_changes_the_image(env, lora_run, tmp_path, capsys):
 
     def generate(out, *extra):
         return main(["generate", "--checkpoint", str(env["checkpoint"]), "--t5", str(env["t5"]), "--vae",
-                     str(env["vae"]), "--prompt", CAPTIONS[0], "--width", "64", "--height", "64", "--steps", "2",
+                     str(env["vae"]), "--prompt", env["captions"][0], "--width", "64", "--height", "64", "--steps", "2",
                      "--out", str(out), *extra])
 
     pipe = DimbaPipeline.from_files(env["checkpoint"], env["t5"], env["vae"], device="cpu")
-    plain = np.asarray(pipe(CAPTIONS[0], width=64, height=64, steps=2, seed=0)[0].image, dtype=float)
+    plain = np.asarray(pipe(env["captions"][0], width=64, height=64, steps=2, seed=0)[0].image, dtype=float)
     assert generate(tmp_path / "lora", "--lora", f"{lora_run['weights']}:1.0") == 0
     (png,) = (tmp_path / "lora").glob("*.png")
     assert np.abs(np.asarray(Image.open(png), dtype=float) - plain).mean() > 0.5
@@ -115,7 +92,8 @@ def test_generate_with_lora_changes_the_image(env, lora_run, tmp_path, capsys):
     assert "nope.safetensors" in capsys.readouterr().err
 
 
-def test_resume_continues_exactly(env, lora_run, tmp_path):
+@pytest.mark.usefixtures("train_cache")
+def test_resume_continues_exactly(env, tmp_path):
     pytest.importorskip("came_pytorch")
     kw = dict(lora_rank=4, optimizer="came", lr=1e-3, ema_decay=0.9, grad_accum=2, warmup_steps=3, seed=7)
     whole = train(options(env, tmp_path / "whole", steps=4, **kw))
@@ -130,7 +108,8 @@ def test_resume_continues_exactly(env, lora_run, tmp_path):
         train(options(env, tmp_path / "split", steps=5, resume="latest", **dict(kw, seed=8)))
 
 
-def test_two_processes_give_the_same_weights_as_one(env, lora_run, tmp_path):
+@pytest.mark.usefixtures("train_cache")
+def test_two_processes_give_the_same_weights_as_one(env, tmp_path):
     args = ["--checkpoint", str(env["checkpoint"]), "--data", str(env["data"]), "--cache-dir", str(env["cache"]),
             "--image-size", "64", "--steps", "2", "--batch-size", "4", "--lora-rank", "4", "--optimizer", "adamw",
             "--lr", "1e-3", "--warmup-steps", "0", "--no-progress"]
@@ -149,7 +128,8 @@ def test_two_processes_give_the_same_weights_as_one(env, lora_run, tmp_path):
     assert any(a[k].abs().max() > 0 for k in a if k.endswith("lora_up.weight"))
 
 
-def test_fsdp_full_finetune_matches_one_process_and_resumes(env, lora_run, tmp_path):
+@pytest.mark.usefixtures("train_cache")
+def test_fsdp_full_finetune_matches_one_process_and_resumes(env, tmp_path):
     args = ["--checkpoint", str(env["checkpoint"]), "--data", str(env["data"]), "--cache-dir", str(env["cache"]),
             "--image-size", "64", "--batch-size", "4", "--optimizer", "adamw", "--lr", "1e-3", "--warmup-steps", "0",
             "--ema", "0.9", "--no-progress"]
@@ -170,7 +150,8 @@ def test_fsdp_full_finetune_matches_one_process_and_resumes(env, lora_run, tmp_p
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
 
 
-def test_full_finetune_at_1024_writes_a_loadable_checkpoint(env, lora_run, tmp_path):
+@pytest.mark.usefixtures("train_cache")
+def test_full_finetune_at_1024_writes_a_loadable_checkpoint(env, tmp_path):
     result = train(options(env, tmp_path, steps=1, resolution=1024, grad_checkpointing=True, lr=1e-3,
                            precision="bf16"))
     model = load_dimba(result["weights"])
@@ -180,7 +161,8 @@ def test_full_finetune_at_1024_writes_a_loadable_checkpoint(env, lora_run, tmp_p
     assert len(changed) > 10
 
 
-def test_full_finetune_saved_in_bf16_keeps_the_ssm_parameters_float32(env, lora_run, tmp_path):
+@pytest.mark.usefixtures("train_cache")
+def test_full_finetune_saved_in_bf16_keeps_the_ssm_parameters_float32(env, tmp_path):
     from safetensors import safe_open
 
     result = train(options(env, tmp_path, steps=1, save_dtype="bf16"))
@@ -191,7 +173,16 @@ def test_full_finetune_saved_in_bf16_keeps_the_ssm_parameters_float32(env, lora_
     assert dtypes["x_embedder.proj.weight"] == "BF16"
 
 
-def test_bad_data_is_skipped_with_warnings_or_refused(tmp_path):
+@pytest.mark.usefixtures("train_cache")
+def test_the_log_records_the_lr_each_step_used(env, tmp_path):
+    """Warm-up over 4 steps from lr 1e-3: step 1 trains at 1/4 of it, step 2 at 2/4 (not the next step's lr)."""
+    train(options(env, tmp_path, steps=2, lora_rank=4, lr=1e-3, warmup_steps=4))
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    assert log[0]["lr"] == pytest.approx(1e-3 / 4) and log[1]["lr"] == pytest.approx(1e-3 * 2 / 4)
+
+
+def test_bad_data_is_skipped_with_warnings_or_refused(tmp_path, write_images):
     good = write_images(tmp_path / "d", 2)
     Image.fromarray(np.zeros((80, 80), np.uint8)).save(good / "gray.png")  # non-RGB: converted
     Image.fromarray(np.zeros((80, 80, 4), np.uint8)).save(good / "rgba.png")  # alpha: composited on white

@@ -18,7 +18,7 @@ from dimba_core.train import TrainOptions, train
 from dimba_core.train.data import LatentCache, cache_key, find_samples, usable_images
 from dimba_core.train.loop import TrainingDiverged, check_paths, prepare_cache, seed_for
 from dimba_core.weights import DimbaLoadError
-from test_train import env, options, write_images  # noqa: F401  (env: the tiny assets, a module fixture)
+from test_train import options  # env, train_cache and write_images: tests/conftest.py's fixtures
 
 
 def cli(argv, capsys):
@@ -44,8 +44,8 @@ def train_argv(env, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def run(env):
-    """A 2-step LoRA run with a checkpoint after each step; it also encodes the module's cache (T5 in bf16)."""
+def run(env, train_cache):
+    """A 2-step LoRA run with a checkpoint after each step."""
     out = env["root"] / "run"
     result = train(options(env, out, steps=2, save_every=1, lora_rank=4, lr=1e-3))
     return dict(result, out=out)
@@ -213,7 +213,7 @@ def png_header(path, width, height):
                      + chunk(b"IEND", b""))
 
 
-def test_a_decompression_bomb_is_skipped_with_a_warning(tmp_path):
+def test_a_decompression_bomb_is_skipped_with_a_warning(tmp_path, write_images):
     data = write_images(tmp_path / "d", 1)
     png_header(data / "bomb.png", 30000, 30000)
     (data / "bomb.txt").write_text("boom")
@@ -235,7 +235,7 @@ def test_a_decompression_bomb_is_skipped_with_a_warning(tmp_path):
     ('{"image": "d/img0.png", "caption": "\\ud800"}', r"line 2: 'caption' holds an unpaired surrogate"),
     ('["d/img0.png", "x"]', r"line 2: expected a JSON object .*got a JSON a list"),
 ])
-def test_bad_jsonl_rows_name_the_line(tmp_path, row, message):
+def test_bad_jsonl_rows_name_the_line(tmp_path, row, message, write_images):
     write_images(tmp_path / "d", 1)
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text('{"image": "d/img0.png", "caption": "ok"}\n' + row + "\n")
@@ -378,6 +378,7 @@ def test_a_lora_rank_above_a_layer_is_its_full_rank_at_the_same_scale():
 
 # --- 5. non-finite training ---------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("train_cache")
 def test_a_diverging_run_stops_and_writes_nothing_non_finite(env, tmp_path, capsys):
     out = tmp_path / "out"
     code, err = cli(train_argv(env, out, "--lora-rank", "4", "--lr", "1e10", "--steps", "8", "--save-every", "1"),
@@ -418,7 +419,8 @@ def test_weights_that_overflow_the_save_dtype_are_not_written(env, tmp_path):
 
 # --- 6. T5 dtype --------------------------------------------------------------------------------------
 
-def test_the_cache_knows_the_t5_dtype(env, run, tmp_path):
+@pytest.mark.usefixtures("train_cache")
+def test_the_cache_knows_the_t5_dtype(env, tmp_path):
     samples = find_samples(env["data"])
     key = cache_key(samples, 64, 300)
     bf16 = json.dumps([str(env["t5"]), str(env["vae"]), "bf16"])

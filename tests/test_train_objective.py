@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from dimba_core import Dimba, DimbaConfig, ops, training_losses
+from dimba_core import Dimba, ops, training_losses
+from dimba_test_helpers import reference_config
 
 FIXTURE = "fixtures/dimba_reference_train_tiny.safetensors"
 
@@ -17,7 +18,7 @@ def golden(shared_dir):
     if not path.is_file():
         pytest.skip(f"{path} not found")
     with safe_open(str(path), framework="pt") as f:
-        config = DimbaConfig.from_reference(**json.loads(f.metadata()["model"]))
+        config = reference_config(**json.loads(f.metadata()["model"]))
         groups = {}
         for key in f.keys():
             group, name = key.split(".", 1)

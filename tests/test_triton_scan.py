@@ -52,6 +52,7 @@ ts = _import_kernels()
 from dimba_core import ops  # noqa: E402
 from dimba_core.mamba import BiMambaMixer  # noqa: E402
 from dimba_core.tiny_assets import tiny_dimba  # noqa: E402
+from dimba_test_helpers import bidirectional_conv1d_silu_ref, bidirectional_scan_ref, rel_err  # noqa: E402
 
 
 def test_module_in_fresh_process():
@@ -75,10 +76,6 @@ def _interpreter(request, monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def scan_inputs(b, d, n, L, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
@@ -93,7 +90,7 @@ def scan_inputs(b, d, n, L, seed, dtype=torch.float32):
 def test_fused_scan_matches_reference_fp32(d, L, block_d, block_l):
     kw = scan_inputs(2, d, 16, L, seed=d * 100 + L)
     out = ts.bidirectional_selective_scan_triton(**kw, block_d=block_d, block_l=block_l)
-    ref = ts.bidirectional_scan_ref(**kw)
+    ref = bidirectional_scan_ref(**kw)
     assert out.shape == ref.shape and out.dtype == torch.float32
     assert rel_err(out, ref) <= 1e-5
 
@@ -106,7 +103,7 @@ def test_fused_scan_bf16_large_steps_and_strided_inputs():
     out = ts.bidirectional_selective_scan_triton(**kw, block_d=8, block_l=16)
     # the interpreter rounds float32 -> bf16 toward zero (twice torch's error); GPUs round to nearest
     assert out.dtype == torch.bfloat16 and out.stride(1) == 1 and torch.isfinite(out).all()
-    ref = ts.bidirectional_scan_ref(**{k: v.float() for k, v in kw.items()})
+    ref = bidirectional_scan_ref(**{k: v.float() for k, v in kw.items()})
     assert rel_err(out, ref) <= 1e-2
 
 
@@ -117,7 +114,7 @@ def test_bidirectional_conv_matches_flipped_causal_conv(channels_last):
     w_f, b_f, w_b, b_b = (torch.randn(*s, generator=g).to(DEVICE) for s in ((20, 4), (20,), (20, 4), (20,)))
     x = x.to(DEVICE)
     got = ts.bidirectional_conv1d_silu(x, w_f, b_f, w_b, b_b, block_d=8, block_l=16)
-    for a, b in zip(got, ts.bidirectional_conv1d_silu_ref(x, w_f, b_f, w_b, b_b)):
+    for a, b in zip(got, bidirectional_conv1d_silu_ref(x, w_f, b_f, w_b, b_b)):
         assert (a.stride(1) == 1) == channels_last
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

@@ -12,26 +12,12 @@ Layout: x, delta, z, out: (batch, d, L); B, C: (batch, n, L); A: (d, n); D, delt
 are accepted (x_f/x_b, delta_f/delta_b, B/C pairs must share theirs), so the mixer passes the channels-last
 views its linears produce ((batch, L, d) memory) without a single transpose copy.
 
-Scan kernel design. One program owns (batch b, BLOCK_D channels) for both directions, so the whole
-sequence of its channels is sequential work but there are batch * d / BLOCK_D independent programs
-(2 * 2304 / 8 = 576 at Dimba-L size, default BLOCK_D 8). The state h (BLOCK_D, n) stays in registers.
-The sequence is walked in chunks of BLOCK_L steps: a chunk's (BLOCK_D, BLOCK_L) tiles of x, delta (and z) and
-(BLOCK_L, n) tiles of B, C are loaded in one coalesced go, the recurrence inside the chunk is a parallel
-`tl.associative_scan` over (decay, input) pairs with (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2), the carried
-state enters as h_t = Acum_t h + Bcum_t, and the chunk's last h is carried on. Pass 1 runs right to left
-(chunks taken from the end, positions indexed L-1-t) and stores the ungated y_bwd into `out`; after a
-barrier pass 2 runs left to right, reads it back, adds y_fwd and stores (y_fwd + y_bwd) * silu(z). Each
-out element is written and read by the same program only, so no cross-program synchronisation.
-
-Its cost model (exp2- and FMA-bound, about 1.2 GB of DRAM traffic at L = 16384) is in NOTES.md. Writing
-y_bwd once in the output dtype and reading it back needs no float32 scratch buffer; for bf16 it rounds y_bwd
-once more (the reference model sums two bf16 outputs as well).
-
-Register pressure (ptxas for sm_90a, compiled on a CPU box, bf16 and fp32 alike): the chunk's
-(BLOCK_D, BLOCK_L, n) tiles dominate. BLOCK_D x BLOCK_L x n / threads = 16 elements a thread gives 96
-registers and no spills (defaults BLOCK_D 8, BLOCK_L 16, 4 warps: 5 programs an SM by registers, so the
-576 programs at Dimba-L batch 2 fit one wave on 132 SMs); 32 a thread gives 128 (8x32 or 4x64 at 8 warps);
-64 a thread hits the 255 cap (16x32 at 4 warps), 128 spills (32x32 at 8 warps). Tune on the GPU.
+The scan kernel: one program owns (batch b, BLOCK_D channels) for both directions, keeps the state h
+(BLOCK_D, n) in registers and walks the sequence in chunks of BLOCK_L steps, each chunk a parallel
+`tl.associative_scan` over (decay, input) pairs. Pass 1 runs right to left and stores the ungated y_bwd into
+`out`; pass 2 runs left to right, adds y_fwd and stores (y_fwd + y_bwd) * silu(z). Each out element is
+written and read by the same program only. Design notes, cost model, register counts and measurements:
+NOTES.md.
 
 The depthwise conv kernel computes both directions' SiLU(conv + bias) from one read of x: the forward
 taps x[l-W+1..l] with w_f, the backward taps x[l..l+W-1] with w_b reversed (what a causal conv on the
@@ -43,9 +29,6 @@ TRITON_INTERPRET=1 (set before this module is imported) the kernels run on CPU t
 from __future__ import annotations
 
 import torch
-
-from .causal_conv1d import causal_conv1d_torch
-from .selective_scan import selective_scan_ref
 
 try:
     import triton
@@ -225,17 +208,3 @@ def bidirectional_conv1d_silu(x, w_f, b_f, w_b, b_b, *, block_d: int = 32, block
                              zeros if b_b is None else b_b, x_f, x_b, d, L, *x.stride(), *x_f.stride(),
                              W=width, BLOCK_D=block_d, BLOCK_L=block_l)
     return x_f, x_b
-
-
-def bidirectional_conv1d_silu_ref(x, w_f, b_f, w_b, b_b):
-    """The PyTorch twin of bidirectional_conv1d_silu: the mixer's causal conv, and the same on flipped x."""
-    return causal_conv1d_torch(x, w_f, b_f), causal_conv1d_torch(x.flip(-1), w_b, b_b).flip(-1)
-
-
-def bidirectional_scan_ref(x_f, x_b, delta_f, delta_b, A_f, A_b, B_f, B_b, C_f, C_b, D_f, D_b, z,
-                           delta_bias_f, delta_bias_b):
-    """The naive twin: selective_scan_ref forward, plus selective_scan_ref on flipped copies flipped back."""
-    y_f = selective_scan_ref(x_f, delta_f, A_f, B_f, C_f, D_f, z, delta_bias_f, delta_softplus=True)
-    y_b = selective_scan_ref(x_b.flip(-1), delta_b.flip(-1), A_b, B_b.flip(-1), C_b.flip(-1), D_b, z.flip(-1),
-                             delta_bias_b, delta_softplus=True)
-    return y_f + y_b.flip(-1)

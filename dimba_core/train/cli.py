@@ -5,8 +5,8 @@ import argparse
 import dataclasses
 
 from ..config import RESOLUTION_SETTINGS
-from ..weights import DTYPES
-from .loop import TrainOptions
+from ..dtypes import DTYPES
+from .options import TrainOptions
 
 
 def add_train_parser(sub) -> argparse.ArgumentParser:

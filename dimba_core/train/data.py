@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..config import CAPTION_LENGTH
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -280,7 +282,7 @@ def _cache_problem(t: dict, meta: dict) -> str | None:
 
 @torch.no_grad()
 def encode_samples(images: Iterable[tuple[Sample, Image.Image]], size: int, t5, vae, *, batch_size: int = 8,
-                   max_length: int = 300, progress: bool = True, total: int | None = None) -> LatentCache:
+                   max_length: int = CAPTION_LENGTH, progress: bool = True, total: int | None = None) -> LatentCache:
     """Caption tokens through T5 and the images through the VAE encoder (posterior mean and std).
 
     images: (sample, RGB image) pairs, e.g. from usable_images, taken one batch at a time.

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Issue 10, item 5, in one run on a GPU machine (under 8 minutes: each step has a timeout, 180+70+170+40 s).
+# The GPU checks and benchmarks in one run on a GPU machine (under 8 minutes: each step has a timeout,
+# 180+70+170+40 s).
 #
-#   here (CPU box, checkout root):  bash benchmarks/gpu_issue10.sh prepare
+#   here (CPU box, checkout root):  bash benchmarks/gpu_run.sh prepare
 #       copies the mamba-ssm wheel (../shared/wheels, built for that image) and the golden fixtures / T5
 #       tokenizer into .gpu/ (git-ignored, about 54 MB; causal-conv1d is left out to stay under 64 MiB)
-#   there (device run, carry [".gpu"]):  bash benchmarks/gpu_issue10.sh
+#   there (device run, carry [".gpu"]):  bash benchmarks/gpu_run.sh
 #
-# Writes into $OUT (default ./gpu_out): issue10.log (everything), pytest_cuda.log, gpu_check.json,
+# Writes into $OUT (default ./gpu_out): gpu_run.log (everything), pytest_cuda.log, gpu_check.json,
 # gpu_speed.json. Steps: 1. the whole suite with DIMBA_TEST_DEVICE=cuda (parallel scan, compile and golden
 # parity on CUDA incl. the cuda/triton backends, triton kernels compiled); 2. benchmarks.gpu_check (backend
 # accuracy at Dimba-L size, no host sync under set_sync_debug_mode("error"), CUDA-graph capture, inductor);
@@ -25,7 +26,7 @@ if [ "${1:-}" = prepare ]; then
 fi
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-LOG="$OUT/issue10.log"
+LOG="$OUT/gpu_run.log"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl || exit 1
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
