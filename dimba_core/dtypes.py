@@ -15,6 +15,11 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, DTYPES[name])
 
 
+def weight_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a weight-dtype name: one of DTYPES or of ComfyUI's FP8_DTYPES."""
+    return getattr(torch, DTYPES.get(name) or FP8_DTYPES[name])
+
+
 def headless_dtype(dtype, what: str = "dtype"):
     """None, or the torch dtype the layers of dimba_core (torch.nn) can store and run weights in: a torch float
     dtype (16, 32 or 64 bits) or a name of DTYPES ("fp16", "bf16", "fp32"; also "float16", ...); anything else

@@ -26,8 +26,6 @@ from .common import check_latent
 flat_mask = dimba_core.model.flat_mask
 SCHEDULE = {"beta_schedule": "sqrt_linear", "linear_start": sampling.SCHEDULE["beta_start"],  # ComfyUI's names
             "linear_end": sampling.SCHEDULE["beta_end"], "timesteps": sampling.SCHEDULE["num_timesteps"]}
-DTYPES = {name: dtypes.torch_dtype(name) for name in dtypes.DTYPES}
-FP8 = {name: getattr(torch, dtype) for name, dtype in dtypes.FP8_DTYPES.items()}
 CONFIG_KEY = loader.CONFIG_KEY
 UNET_PREFIX = "model.diffusion_model."  # where ComfyUI checkpoints keep the denoiser (and the pack its config)
 log = logging.getLogger("ComfyUI-Dimba")
@@ -238,9 +236,10 @@ def model_options(weight_dtype, load_device):
     """ComfyUI's model_options for a weight dtype name (default lets ComfyUI pick for the device and model)."""
     if weight_dtype in ("default", None):
         return {}
-    if weight_dtype not in FP8 and weight_dtype not in DTYPES:
-        raise ValueError(f"weight_dtype {weight_dtype!r} is unknown; pick one of default, {', '.join([*FP8, *DTYPES])}")
-    dtype = FP8.get(weight_dtype) or DTYPES[weight_dtype]
+    if weight_dtype not in dtypes.FP8_DTYPES and weight_dtype not in dtypes.DTYPES:
+        raise ValueError(f"weight_dtype {weight_dtype!r} is unknown; pick one of "
+                         f"{', '.join(['default', *dtypes.FP8_DTYPES, *dtypes.DTYPES])}")
+    dtype = dtypes.weight_dtype(weight_dtype)
     if not mm.supports_cast(load_device, dtype):
         raise ValueError(f"weight_dtype {weight_dtype}: the {load_device.type} device cannot hold "
                          f"{str(dtype).replace('torch.', '')} weights (Apple MPS has no float8); pick "
@@ -359,13 +358,13 @@ def load_t5(path, device="default", dtype="default"):
     """A T5 encoder folder or .safetensors file as DIMBA_T5."""
     load_device = torch.device("cpu") if device == "cpu" else mm.text_encoder_device()
     offload_device = mm.text_encoder_offload_device()
-    if dtype in DTYPES:
-        torch_dtype = DTYPES[dtype]
+    if dtype in dtypes.DTYPES:
+        torch_dtype = dtypes.torch_dtype(dtype)
     elif mm.is_device_cpu(load_device):
         torch_dtype = torch.bfloat16  # 16 bits as ComfyUI stores text encoders; fp16 matmuls are slow on CPUs
     else:
         torch_dtype = mm.text_encoder_dtype(load_device)
-        if torch_dtype not in DTYPES.values():  # fp8 storage: compute T5 in half precision instead
+        if torch_dtype.itemsize == 1:  # fp8 storage: compute T5 in half precision instead
             torch_dtype = torch.bfloat16 if mm.should_use_bf16(load_device) else torch.float16
     encoder = text.T5TextEncoder.from_pretrained(path, device=offload_device, dtype=torch_dtype)
     return DimbaT5(encoder, load_device, offload_device)

@@ -75,9 +75,11 @@ def encode_to(folder, key, encoders, samples, opts: TrainOptions, device, image_
                       "and fast", stacklevel=2)
     t5 = T5TextEncoder.from_pretrained(opts.t5, tokenizer=opts.tokenizer, device=device,
                                        dtype=torch_dtype(opts.t5_dtype))
-    if config is not None and t5.hidden_size != config.caption_channels:
-        raise ValueError(f"--t5 {opts.t5} gives {t5.hidden_size}-wide embeddings but the model takes "
-                         f"{config.caption_channels}: use the T5 the model was trained with (T5 v1.1 XXL)")
+    if config is not None:
+        try:
+            config.check_caption_width(t5.hidden_size)
+        except ValueError as err:
+            raise ValueError(f"--t5 {opts.t5}: {err}") from None
     cache = encode_samples(itertools.chain([first], images), image_size, t5, vae, batch_size=opts.encode_batch_size,
                            max_length=opts.max_length, progress=opts.progress, total=len(samples))
     cache.save(folder, key, encoders)

@@ -69,7 +69,6 @@ class LoRANetwork(nn.Module):
             r = min(rank, lin.in_features, lin.out_features)
             layer_alpha = (alpha or rank) * (r / rank if r < rank else 1)
             self.layers[name.replace(".", "__")] = LoRA(lin.in_features, lin.out_features, r, layer_alpha)
-        self._handles: list = []
 
     def reduced_ranks(self) -> dict:
         """{module name: rank} of the layers whose rank is below the requested one (they allow no more)."""
@@ -86,7 +85,7 @@ class LoRANetwork(nn.Module):
             if DIRECT_WEIGHTS.search(name):
                 parametrize.register_parametrization(lin, "weight", _AddDelta(lora), unsafe=True)
             else:
-                self._handles.append(lin.register_forward_hook(lambda m, inp, out, lora=lora: out + lora(inp[0])))
+                lin.register_forward_hook(lambda m, inp, out, lora=lora: out + lora(inp[0]))
         return self
 
     def to_comfy_state_dict(self, dtype=torch.float32) -> dict:
