@@ -6,7 +6,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import ops
 from .dtypes import cast_to, table_dtype, wide, widen
@@ -93,69 +92,18 @@ class BiMambaMixer(nn.Module):
         return ops.resolve_backend(self.backend, hidden.device, needs_grad)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """in_proj -> both directions on the backend (ops.BIDIRECTIONAL), gated by silu(z) -> out_proj."""
         backend = self.backend_for(hidden)
-        if backend == "triton":
-            return self._forward_fused(hidden)
-        if backend == "parallel":
-            return self._forward_stacked(hidden)
-        xz = self.in_proj(hidden).transpose(1, 2)  # b, 2d, L
-        x, z = xz.chunk(2, dim=1)
-        y = self._scan(x, z, "", backend)
-        y = y + self._scan(x.flip(-1), z.flip(-1), "_b", backend).flip(-1)
-        return self.out_proj(y.transpose(1, 2))
-
-    def _scan(self, x, z, suffix: str, backend: str) -> torch.Tensor:
-        """One direction: causal conv + SiLU, input-dependent (dt, B, C), selective scan, D skip, SiLU(z) gate."""
-        conv, x_proj, dt_proj = (getattr(self, n + suffix) for n in ("conv1d", "x_proj", "dt_proj"))
-        A_log, D = (self.A_log, self.D) if suffix == "" else (self.A_b_log, self.D_b)
-        with layer_weights(conv, x) as (conv_w, conv_b):
-            x = ops.causal_conv1d(x.contiguous(), conv_w.squeeze(1), conv_b, backend)
-        dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        with layer_weights(dt_proj, dt, wide(x.dtype)) as (dt_w, dt_b):
-            delta = F.linear(dt, dt_w).transpose(1, 2)
-            scan = ops.SCANS[backend]
-            return scan(x, delta.contiguous(), -torch.exp(widen(A_log, x)), B.transpose(1, 2).contiguous(),
-                        C.transpose(1, 2).contiguous(), widen(D, x), z.contiguous(),
-                        delta_bias=dt_b, delta_softplus=True)
-
-    def _forward_stacked(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Both directions as one problem (direction, batch, ...): one grouped conv, batched projections, one scan."""
-        b, length = hidden.shape[:2]
-        d, split = self.d_inner, [self.dt_rank, self.d_state, self.d_state]
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # b, d, L
-        pair = lambda fwd, bwd: torch.stack([fwd, bwd])[:, None]  # noqa: E731  (direction, 1, ...)
-        f = lambda t: widen(t, x)  # noqa: E731  (A, D: float32 on x's device)
-        with layer_weights(self.conv1d, x) as (cw, cb), layer_weights(self.conv1d_b, x) as (cw_b, cb_b):
-            conv = ops.causal_conv1d(torch.cat([x, x.flip(-1)], dim=1), torch.cat([cw, cw_b]).squeeze(1),
-                                     torch.cat([cb, cb_b]), "torch")
-        xs = conv.view(b, 2, d, length).transpose(0, 1)  # 2, b, d, L: the backward one on the reversed sequence
-        with layer_weights(self.x_proj, x) as (x_w, _), layer_weights(self.x_proj_b, x) as (x_w_b, _):
-            dt, B, C = torch.matmul(pair(x_w, x_w_b), xs).split(split, dim=2)
-        with layer_weights(self.dt_proj, x, wide(x.dtype)) as (dt_w, dt_b), \
-                layer_weights(self.dt_proj_b, x, wide(x.dtype)) as (dt_w_b, dt_b_b):
-            delta = F.softplus(widen(torch.matmul(pair(dt_w, dt_w_b), dt)) + pair(dt_b, dt_b_b)[..., None])  # 2, b, d, L
-        A = -torch.exp(pair(f(self.A_log), f(self.A_b_log)))
-        y = ops.selective_scan_parallel(xs, delta, A, B, C, pair(f(self.D), f(self.D_b)))
-        return self.out_proj(((y[0] + y[1].flip(-1)) * F.silu(z)).transpose(1, 2))  # the gate shared by both
-
-    def _forward_fused(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Both directions without flips or transposed copies: one bidirectional conv and one fused scan launch."""
-        from .ops.triton_scan import bidirectional_conv1d_silu, bidirectional_selective_scan_triton
-
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # b, d, L views of (b, L, 2d)
-        f = lambda t: widen(t, x)  # noqa: E731  (A, D: float32 on x's device)
-        with layer_weights(self.conv1d, x) as (cw, cb), layer_weights(self.conv1d_b, x) as (cw_b, cb_b):
-            x_f, x_b = bidirectional_conv1d_silu(x, cw.squeeze(1), cb, cw_b.squeeze(1), cb_b)
-        split = [self.dt_rank, self.d_state, self.d_state]
-        dt_f, B_f, C_f = self.x_proj(x_f.transpose(1, 2)).split(split, dim=-1)
-        dt_b, B_b, C_b = self.x_proj_b(x_b.transpose(1, 2)).split(split, dim=-1)
-        t = lambda v: v.transpose(1, 2)  # noqa: E731  (b, L, c) -> (b, c, L) view
-        with layer_weights(self.dt_proj, x, wide(x.dtype)) as (w_f, bias_f), \
-                layer_weights(self.dt_proj_b, x, wide(x.dtype)) as (w_b, bias_b):
-            y = bidirectional_selective_scan_triton(
-                x_f, x_b, t(F.linear(dt_f, w_f)), t(F.linear(dt_b, w_b)), -torch.exp(f(self.A_log)),
-                -torch.exp(f(self.A_b_log)), t(B_f), t(B_b), t(C_f), t(C_b), f(self.D), f(self.D_b), z, bias_f,
-                bias_b)
+        ssm = wide(x.dtype)
+        with (layer_weights(self.conv1d, x) as conv, layer_weights(self.conv1d_b, x) as conv_b,
+              layer_weights(self.x_proj, x) as (x_w, _), layer_weights(self.x_proj_b, x) as (x_w_b, _),
+              layer_weights(self.dt_proj, x, ssm) as dt, layer_weights(self.dt_proj_b, x, ssm) as dt_b):
+            weights = ops.MixerWeights(
+                conv=(conv, conv_b), x_proj=(x_w, x_w_b), dt_proj=(dt, dt_b),
+                A=(-torch.exp(widen(self.A_log, x)), -torch.exp(widen(self.A_b_log, x))),
+                D=(widen(self.D, x), widen(self.D_b, x)), dt_rank=self.dt_rank, d_state=self.d_state)
+            y = ops.BIDIRECTIONAL[backend](x, z, weights, backend)
         return self.out_proj(y.transpose(1, 2))
 
 

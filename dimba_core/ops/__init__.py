@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .causal_conv1d import causal_conv1d_cuda, causal_conv1d_torch
+from .bidirectional import BIDIRECTIONAL, MixerWeights, causal_conv1d
 from .parallel_scan import selective_scan_parallel
 from .selective_scan import selective_scan_cuda, selective_scan_ref, selective_scan_torch
 
@@ -101,12 +101,5 @@ def resolve_backend(name: str, device, needs_grad: bool = False) -> str:
     return name
 
 
-def causal_conv1d(x, weight, bias, backend: str):
-    """Causal depthwise conv + SiLU on the fastest path the backend allows."""
-    if backend == "cuda" and has_causal_conv1d():
-        return causal_conv1d_cuda(x, weight, bias)
-    return causal_conv1d_torch(x, weight, bias)
-
-
-__all__ = ["BACKENDS", "SCANS", "causal_conv1d", "check_backend", "has_mamba_ssm", "has_triton", "resolve_backend",
+__all__ = ["BACKENDS", "BIDIRECTIONAL", "MixerWeights", "SCANS", "causal_conv1d", "check_backend", "has_mamba_ssm", "has_triton", "resolve_backend",
            "selective_scan_cuda", "selective_scan_parallel", "selective_scan_ref", "selective_scan_torch"]
