@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dimba_core import Dimba, ops, training_losses
-from dimba_test_helpers import reference_config
+from dimba_test_helpers import reference_config, rel_err
 
 FIXTURE = "fixtures/dimba_reference_train_tiny.safetensors"
 
@@ -29,10 +29,6 @@ def golden(shared_dir):
     torch.set_num_threads(threads)
 
 
-def rel(a, b):
-    return float((a.double() - b).norm() / b.norm())
-
-
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-5), (torch.float32, 1e-3)])
 def test_terms_and_gradients_match_the_reference(golden, dtype, tol):
     config, g = golden
@@ -45,7 +41,7 @@ def test_terms_and_gradients_match_the_reference(golden, dtype, tol):
     terms = training_losses(model, inp["x_start"], inp["t"], inp["y"], inp["mask"], inp["noise"])
     for name in ("loss", "mse", "vb"):
         assert terms[name].shape == (3,) and terms[name].dtype == dtype
-        assert rel(terms[name].detach(), g["out"][name]) < tol, name
+        assert rel_err(terms[name].detach(), g["out"][name]) < tol, name
     (vb_grad,) = torch.autograd.grad(terms["vb"].sum(), out["y"], retain_graph=True)
     assert vb_grad[:, :4].abs().max() == 0 and vb_grad[:, 4:].abs().max() > 0  # vb trains the variance only
     terms["loss"].mean().backward()
@@ -54,7 +50,7 @@ def test_terms_and_gradients_match_the_reference(golden, dtype, tol):
     names = sorted(g["grad"])
     ours = torch.cat([params[n].grad.flatten() for n in names])
     ref = torch.cat([g["grad"][n].flatten() for n in names])
-    assert rel(ours, ref) < tol
+    assert rel_err(ours, ref) < tol
 
 
 def test_bad_timesteps_are_a_clear_error(golden):
