@@ -133,6 +133,7 @@ class DimbaDiffusion(torch.nn.Module):
         fields = dimba_core.DimbaConfig.__dataclass_fields__
         config = dimba_core.DimbaConfig(**{k: v for k, v in config.items() if k in fields})
         net = dimba_core.Dimba(config, operations=ops, attention=comfy_attention, dtype=dtype, device=device)
+        self.weight_dtype = dtype  # what ComfyUI chose; with Dynamic VRAM the tensors hold the file's dtype until used
         object.__setattr__(self, "net", net)  # not a submodule: its children are registered here instead
         for name, child in net.named_children():
             self.add_module(name, child)
@@ -145,8 +146,9 @@ class DimbaDiffusion(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The weight (storage) dtype, as ComfyUI's models report it; ComfyUI's manual cast sets the compute one."""
-        return self.net.x_embedder.proj.weight.dtype
+        """The weight (storage) dtype ComfyUI built the model with, as its own models report it (not the loaded
+        tensors', which keep the file's dtype under Dynamic VRAM); ComfyUI's manual cast sets the compute one."""
+        return self.weight_dtype or self.net.x_embedder.proj.weight.dtype
 
     def forward(self, x, timesteps, context=None, attention_mask=None, control=None, transformer_options=None,
                 **kwargs):
