@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from .config import RESOLUTION_SETTINGS, DimbaConfig
-from .model import Dimba
 from .dtypes import FILE_DTYPES, headless_dtype
+from .model import Dimba
 from .weights import DimbaLoadError, check_keys, open_safetensors
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
+from .config import CAPTION_LENGTH
 from .dtypes import FLOAT8, headless_dtype
 from .weights import (DimbaLoadError, check_keys, check_weights_folder, key_prefix, load_guarded, open_safetensors,
                       show, weights_source)
-from .config import CAPTION_LENGTH
 
 MAX_LENGTH = CAPTION_LENGTH
 ANCHOR_KEY = "encoder.block.0.layer.0.SelfAttention.q.weight"
@@ -200,17 +200,18 @@ def read_tensor(f, name, dtype, scale=None, chunk=1 << 22):
     result alone (whole-tensor temporaries stay in the allocator's heap and double the peak)."""
     part = f.get_slice(name)
     shape, stored = part.get_shape(), SAFETENSORS_DTYPES.get(part.get_dtype())
-    if (stored == dtype and scale is None) or not shape or (scale is not None and scale.numel() != 1):
-        t = f.get_tensor(name)
+    scale = None if scale is None else scale.reshape(()) if scale.numel() == 1 else scale
+    if (stored == dtype and scale is None) or not shape or (scale is not None and scale.ndim):
+        t = f.get_tensor(name)  # whole: nothing to convert, a 0-d tensor, or a per-row scale
         if scale is not None or t.dtype in FLOAT8:
-            t = t.float() * (1 if scale is None else scale.reshape(-1)[0] if scale.numel() == 1 else scale)
+            t = t.float() * (1 if scale is None else scale)
         return t.to(dtype)
     out = torch.empty(shape, dtype=dtype)
     rows = max(1, chunk // max(1, math.prod(shape[1:])))
     for start in range(0, shape[0], rows):
         piece = part[start:start + rows]
         if scale is not None or piece.dtype in FLOAT8:
-            piece = piece.float() * (1 if scale is None else scale.reshape(()))
+            piece = piece.float() * (1 if scale is None else scale)
         out[start:start + rows] = piece
     return out
 
@@ -230,20 +231,31 @@ def check_fp8_scales(path, f, names: dict, weights: dict, scales: dict) -> None:
                              "t5xxl_fp16.safetensors")
 
 
-def _build_from_file(path, dtype) -> T5EncoderModel:
-    """T5EncoderModel with weights from one .safetensors file; ValueError on missing/mismatched keys."""
-    state, config = read_t5_file(path, dtype)
+def _empty_encoder(config: T5Config):
+    """A T5EncoderModel on the meta device and {key: shape} of the weights it takes (the input embedding is tied
+    to `shared`, so not among them)."""
     with torch.device("meta"):
         model = T5EncoderModel(config)
-    expected = {k: v.shape for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
-    check_keys(expected, {k: v.shape for k, v in state.items()}, path,
-               f"a T5 encoder of the inferred shape (d_model {config.d_model}, {config.num_layers} layers, "
-               f"{config.num_heads} heads)", unexpected_ok=True)
-    model.load_state_dict({k: state[k] for k in expected}, strict=False, assign=True)
+    return model, {k: v.shape for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+
+
+def _filled(model: T5EncoderModel, state: dict) -> T5EncoderModel:
+    """The meta model holding the state's tensors as its weights (no copy), its input embedding tied to `shared`."""
+    model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     if model.encoder.embed_tokens.weight.is_meta:
         model.encoder.embed_tokens = model.shared
     return model
+
+
+def _build_from_file(path, dtype) -> T5EncoderModel:
+    """T5EncoderModel with weights from one .safetensors file; ValueError on missing/mismatched keys."""
+    state, config = read_t5_file(path, dtype)
+    model, expected = _empty_encoder(config)
+    check_keys(expected, {k: v.shape for k, v in state.items()}, path,
+               f"a T5 encoder of the inferred shape (d_model {config.d_model}, {config.num_layers} layers, "
+               f"{config.num_heads} heads)", unexpected_ok=True)
+    return _filled(model, {k: state[k] for k in expected})
 
 
 def _build_from_folder(path, dtype) -> T5EncoderModel:
@@ -251,10 +263,7 @@ def _build_from_folder(path, dtype) -> T5EncoderModel:
     by tensor into dtype as single files are (no network, no pickles, no float32 copy)."""
     path = Path(path)
     check_weights_folder(path, "T5", "a single-file t5xxl .safetensors")
-    config = T5Config.from_pretrained(str(path), local_files_only=True)
-    with torch.device("meta"):
-        model = T5EncoderModel(config)
-    expected = {k: v.shape for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    model, expected = _empty_encoder(T5Config.from_pretrained(str(path), local_files_only=True))
     where, shapes = {}, {}
     for file in sorted(path.glob("*.safetensors")):
         with open_safetensors(file) as f:
@@ -268,11 +277,7 @@ def _build_from_folder(path, dtype) -> T5EncoderModel:
     for name, (file, key) in where.items():
         with open_safetensors(file) as f:  # opened for each tensor, as in read_t5_file
             state[name] = read_tensor(f, key, torch.float32 if _keep_fp32(name, dtype) else dtype)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    if model.encoder.embed_tokens.weight.is_meta:
-        model.encoder.embed_tokens = model.shared
-    return model
+    return _filled(model, state)
 
 
 def t5_dtype(dtype=None, device="cpu") -> torch.dtype:
