@@ -27,7 +27,6 @@ flat_mask = dimba_core.model.flat_mask
 SCHEDULE = {"beta_schedule": "sqrt_linear", "linear_start": sampling.SCHEDULE["beta_start"],  # ComfyUI's names
             "linear_end": sampling.SCHEDULE["beta_end"], "timesteps": sampling.SCHEDULE["num_timesteps"]}
 CONFIG_KEY = loader.CONFIG_KEY
-UNET_PREFIX = "model.diffusion_model."  # where ComfyUI checkpoints keep the denoiser (and the pack its config)
 log = logging.getLogger("ComfyUI-Dimba")
 NATIVE_LOADING = False  # set by integration.install() once Dimba is in ComfyUI's model detection
 
@@ -78,6 +77,12 @@ def _text_encoder_target(state_dict):
     return comfy.supported_models_base.ClipTarget(pixart_t5.PixArtTokenizer, pixart_t5.PixArtT5XXL)
 
 
+def dimba_config(unet_config) -> "dimba_core.DimbaConfig":
+    """The DimbaConfig in a ComfyUI unet config (which also holds image_model and dtype)."""
+    fields = dimba_core.DimbaConfig.__dataclass_fields__
+    return dimba_core.DimbaConfig(**{k: v for k, v in unet_config.items() if k in fields})
+
+
 class DimbaModelConfig(comfy.supported_models_base.BASE):
     """ComfyUI model config: eps prediction, linear betas 1e-4..0.02 over 1000 steps, SDXL latents.
 
@@ -95,8 +100,7 @@ class DimbaModelConfig(comfy.supported_models_base.BASE):
 
     @property
     def dimba_config(self) -> "dimba_core.DimbaConfig":
-        fields = dimba_core.DimbaConfig.__dataclass_fields__
-        return dimba_core.DimbaConfig(**{k: v for k, v in self.unet_config.items() if k in fields})
+        return dimba_config(self.unet_config)
 
     def get_model(self, state_dict, prefix="", device=None):
         return DimbaModel(self, device=device)
@@ -118,7 +122,7 @@ class DimbaModelConfig(comfy.supported_models_base.BASE):
         """ModelSave / CheckpointSave: ComfyUI's keys plus the Dimba config (num_heads cannot be read from
         shapes) as a uint8 tensor of JSON beside the denoiser's keys, since ComfyUI writes its own metadata."""
         out = super().process_unet_state_dict_for_saving(state_dict)
-        out[UNET_PREFIX + CONFIG_KEY] = loader.config_tensor(self.dimba_config)
+        out[loader.COMFY_PREFIX + CONFIG_KEY] = loader.config_tensor(self.dimba_config)
         return out
 
 
@@ -130,9 +134,7 @@ class DimbaDiffusion(torch.nn.Module):
     def __init__(self, image_model=None, dtype=None, device=None, operations=None, **config):
         super().__init__()
         ops = dimba_operations(operations or comfy.ops.disable_weight_init)
-        fields = dimba_core.DimbaConfig.__dataclass_fields__
-        config = dimba_core.DimbaConfig(**{k: v for k, v in config.items() if k in fields})
-        net = dimba_core.Dimba(config, operations=ops, attention=comfy_attention, dtype=dtype, device=device)
+        net = dimba_core.Dimba(dimba_config(config), operations=ops, attention=comfy_attention, dtype=dtype, device=device)
         self.weight_dtype = dtype  # what ComfyUI chose; with Dynamic VRAM the tensors hold the file's dtype until used
         object.__setattr__(self, "net", net)  # not a submodule: its children are registered here instead
         for name, child in net.named_children():
@@ -260,13 +262,13 @@ def load_model(path, weight_dtype="default", disable_dynamic=False):
     sd[CONFIG_KEY] = loader.config_tensor(config)
     options = model_options(weight_dtype, mm.get_torch_device())
     with torch.inference_mode(False):  # weights a training node (TrainLoraNode) can save for backward
-        patcher = load_state_dict(sd, options, disable_dynamic=disable_dynamic)
+        patcher = load_state_dict(sd, config, options, disable_dynamic=disable_dynamic)
     if hasattr(patcher, "cached_patcher_init"):  # multi-GPU and non-dynamic clones rebuild it from the file
         patcher.cached_patcher_init = (load_model, (path, weight_dtype))
     return attach(patcher)
 
 
-def load_state_dict(sd, model_options, disable_dynamic=False):
+def load_state_dict(sd, config, model_options, disable_dynamic=False):
     """A Dimba state dict (with its config tensor) as a MODEL: through ComfyUI's loader when the hooks are in,
     else built directly the same way."""
     if NATIVE_LOADING:
@@ -279,12 +281,12 @@ def load_state_dict(sd, model_options, disable_dynamic=False):
             raise ValueError("ComfyUI did not recognise this Dimba checkpoint (another custom node may have replaced "
                              "its model detection); please report it with the start-up log")
         return patcher
-    return _build(sd, model_options)
+    return _build(sd, config, model_options)
 
 
-def _build(sd, model_options):
+def _build(sd, config, model_options):
     """DimbaCheckpointLoader's own build, for a ComfyUI whose loading internals the hooks do not know."""
-    model_config = DimbaModelConfig({"image_model": "dimba", **loader.read_checkpoint(sd)[0].to_dict()})
+    model_config = DimbaModelConfig({"image_model": "dimba", **config.to_dict()})
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     dtype = model_options.get("dtype") or mm.unet_dtype(
         model_params=comfy.utils.calculate_parameters(sd), supported_dtypes=model_config.supported_inference_dtypes,
@@ -447,9 +449,10 @@ def sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_na
 
     to = functools.partial(torch.Tensor.to, device=device)
     options = dict(model.model_options.get("transformer_options", {}))  # e.g. an optimized_attention_override
-    if _sampling_wrappers(model):
+    wrappers = _sampling_wrappers(model)
+    if wrappers:
         log.warning("DimbaSampler: the MODEL carries ComfyUI sampling wrappers (%s), which only ComfyUI's samplers "
-                    "run; use KSampler for them (EasyCache, LazyCache)", ", ".join(_sampling_wrappers(model)))
+                    "run; use KSampler for them (EasyCache, LazyCache)", ", ".join(wrappers))
     denoiser = functools.partial(net, dtype=model.model.compute_dtype(), attention_options=options)
     try:  # the console bar is closed on Cancel too
         out = dimba_core.sample(

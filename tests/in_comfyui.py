@@ -724,7 +724,7 @@ def test_stock_loaders_name_dimba_when_the_hooks_are_missing():
     assert refusing(flux_like, "") == original(flux_like, "")  # others unchanged
     config, sd = S["core"].loader.read_checkpoint(S["ckpt"])
     sd[integration.CONFIG_KEY] = S["core"].loader.config_tensor(config)
-    built = S["host"]._build(dict(sd), {})
+    built = S["host"]._build(dict(sd), config, {})
     assert torch.equal(denoise(S["host"].attach(built)), denoise(S["host"].load_model(S["ckpt"])))
     assert "0.3.64 or newer" in error(lambda: integration.check_version((0, 3, 40)))
     integration.check_version((0, 38, 1))
