@@ -250,19 +250,27 @@ def test_train_lora_workflow(server, base):
         "LoraLoaderModelOnly with the trained file leaves the image as it was"
 
 
-def test_done_when_graph(server, base):
-    """Dimba loaders and T5 encode feed DimbaSampler and KSampler (euler) in one graph: four 320x192 images."""
+def both_samplers_graph(width, height, steps, batch=1):
+    """The txt2img API graph at a fixed size whose latent and prompts also feed a KSampler (euler, normal) on the
+    same MODEL, decoded and saved by node "13" beside DimbaSampler's "10"."""
     graph = json.loads((WORKFLOWS / "api" / "dimba_txt2img_api.json").read_text())
     graph = {k: v for k, v in graph.items() if v["class_type"] != "DimbaResolutionSelect"}
-    graph["6"]["inputs"].update(width=320, height=192, batch_size=2)
-    graph["4"]["inputs"]["text"] = ""
-    graph["7"]["inputs"]["steps"] = 10
+    graph["6"]["inputs"].update(width=width, height=height, batch_size=batch)
+    graph["7"]["inputs"]["steps"] = steps
     graph["11"] = {"class_type": "KSampler", "inputs": {
-        "model": ["1", 0], "seed": 42, "steps": 10, "cfg": 4.5, "sampler_name": "euler", "scheduler": "normal",
+        "model": ["1", 0], "seed": 42, "steps": steps, "cfg": 4.5, "sampler_name": "euler", "scheduler": "normal",
         "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["6", 0], "denoise": 1.0}}
     graph["12"] = {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["8", 0]}}
     graph["13"] = copy.deepcopy(graph["10"])
-    graph["13"]["inputs"].update(images=["12", 0], filename_prefix="dimba_done_ksampler")
+    graph["13"]["inputs"]["images"] = ["12", 0]
+    return graph
+
+
+def test_done_when_graph(server, base):
+    """Dimba loaders and T5 encode feed DimbaSampler and KSampler (euler) in one graph: four 320x192 images."""
+    graph = both_samplers_graph(320, 192, 10, batch=2)
+    graph["4"]["inputs"]["text"] = ""
+    graph["13"]["inputs"]["filename_prefix"] = "dimba_done_ksampler"
     graph["10"]["inputs"]["filename_prefix"] = "dimba_done_dimbasampler"
     t0 = time.time()
     sizes = saved_sizes(base, run_graph(server, graph))
@@ -273,16 +281,7 @@ def test_done_when_graph(server, base):
 def test_load_diffusion_model_graph(server, base):
     """ComfyUI's own Load Diffusion Model (UNETLoader) on a Dimba file feeds DimbaSampler and KSampler: the images
     equal those of the same graph with Load Dimba Checkpoint."""
-    graph = json.loads((WORKFLOWS / "api" / "dimba_txt2img_api.json").read_text())
-    graph = {k: v for k, v in graph.items() if v["class_type"] != "DimbaResolutionSelect"}
-    graph["6"]["inputs"].update(width=128, height=96)
-    graph["7"]["inputs"]["steps"] = 4
-    graph["11"] = {"class_type": "KSampler", "inputs": {
-        "model": ["1", 0], "seed": 42, "steps": 4, "cfg": 4.5, "sampler_name": "euler", "scheduler": "normal",
-        "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["6", 0], "denoise": 1.0}}
-    graph["12"] = {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["8", 0]}}
-    graph["13"] = copy.deepcopy(graph["10"])
-    graph["13"]["inputs"].update(images=["12", 0])
+    graph = both_samplers_graph(128, 96, 4)
     images = {}
     for loader in ("DimbaCheckpointLoader", "UNETLoader"):
         if loader == "UNETLoader":
