@@ -145,6 +145,34 @@ def test_tiny_dimba_on_triton_matches_torch():
     assert rel_err(out, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_custom_ops_fake_layouts_match_the_kernels(channels_last):
+    """torch.library.opcheck: schema, fake (meta) outputs with the kernels' strides, no autograd claimed."""
+    kw = scan_inputs(2, 8, 16, 21, seed=5)
+    if channels_last:
+        for k in ("x_f", "x_b", "delta_f", "delta_b", "z"):
+            kw[k] = kw[k].transpose(1, 2).contiguous().transpose(1, 2)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.dimba.triton_bidirectional_scan.default, tuple(kw.values()), test_utils=utils)
+    w = [torch.randn(8, 4, device=DEVICE), torch.randn(8, device=DEVICE)]
+    torch.library.opcheck(torch.ops.dimba.triton_bidirectional_conv.default, (kw["x_f"], *w, *w), test_utils=utils)
+
+
+def test_tiny_dimba_on_triton_compiles_fullgraph():
+    """Inside torch.compile the fused kernels are opaque custom ops (their fake layouts match): no graph break."""
+    model = tiny_dimba(seed=1).to(DEVICE).set_scan_backend("triton")
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0]), torch.randn(2, 1, 8, 64)
+    x, t, y = x.to(DEVICE), t.to(DEVICE), y.to(DEVICE)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            eager = model(x, t, y)
+            out = torch.compile(model, fullgraph=True, backend="aot_eager")(x, t, y)
+    finally:
+        torch._dynamo.reset()
+    assert rel_err(out, eager) <= 1e-6
+
+
 def test_backend_resolution(monkeypatch):
     assert "triton" in ops.BACKENDS
     assert ops.resolve_backend("auto", "cpu") == "torch"  # auto never picks triton

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 
 def _prepare(u, delta, delta_bias, delta_softplus):
@@ -80,8 +81,71 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return _finish(y.permute(1, 2, 0), u, D, z, out_dtype)
 
 
-def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """mamba-ssm's fused CUDA kernel (imported lazily)."""
+def _mamba_scan_fn():
+    """mamba-ssm's selective_scan_fn (imported lazily)."""
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
-    return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return selective_scan_fn
+
+
+class _Saved:
+    """A stand-in autograd context: holds what an autograd.Function's forward saves for its backward."""
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def _mamba_scan_vjp(grad, inputs, delta_softplus):
+    """Gradients of mamba-ssm's scan for `inputs` (u, delta, A, B, C, D, z, delta_bias): its autograd.Function's
+    forward (a recompute) and backward kernels called directly, since custom-op kernels run below autograd."""
+    from mamba_ssm.ops.selective_scan_interface import SelectiveScanFn
+
+    ctx = _Saved()
+    SelectiveScanFn.forward(ctx, *inputs, delta_softplus)
+    return SelectiveScanFn.backward(ctx, grad)[:len(inputs)]
+
+
+def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """mamba-ssm's fused CUDA kernel. Inside torch.compile it is the opaque op `dimba::mamba_scan` (dynamo cannot
+    trace the kernel's C++ extension), so fullgraph capture, inductor and CUDA graphs work around it."""
+    if torch.compiler.is_compiling() and D is not None and z is not None and delta_bias is not None:
+        return torch.ops.dimba.mamba_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return _mamba_scan_fn()(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def _define_mamba_scan_ops():
+    """`dimba::mamba_scan` and its backward `dimba::mamba_scan_backward` (mamba-ssm's kernels), once per process."""
+    if hasattr(torch.ops.dimba, "mamba_scan") or not hasattr(torch.library, "custom_op"):
+        return
+    tensors = 8  # u, delta, A, B, C, D, z, delta_bias; then delta_softplus
+
+    @torch.library.custom_op("dimba::mamba_scan", mutates_args=())
+    def mamba_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, delta_bias: Tensor,
+                   delta_softplus: bool) -> Tensor:
+        return _mamba_scan_fn()(u, delta, A, B, C, D, z, delta_bias, delta_softplus).contiguous()
+
+    @torch.library.custom_op("dimba::mamba_scan_backward", mutates_args=())
+    def mamba_scan_backward(grad: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+                            z: Tensor, delta_bias: Tensor, delta_softplus: bool) -> list[Tensor]:
+        grads = _mamba_scan_vjp(grad.contiguous(), (u, delta, A, B, C, D, z, delta_bias), delta_softplus)
+        return [g.contiguous() for g in grads]
+
+    @mamba_scan.register_fake
+    def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        return u.new_empty(u.shape)
+
+    @mamba_scan_backward.register_fake
+    def _(grad, *args):
+        return [t.new_empty(t.shape) for t in args[:tensors]]
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:tensors])
+        ctx.delta_softplus = inputs[-1]
+
+    def backward(ctx, grad):
+        return (*torch.ops.dimba.mamba_scan_backward(grad, *ctx.saved_tensors, ctx.delta_softplus), None)
+
+    mamba_scan.register_autograd(backward, setup_context=setup_context)
+
+
+_define_mamba_scan_ops()

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from .bidirectional import empty_like_layout
+
 try:
     import triton
     import triton.language as tl
@@ -145,14 +147,6 @@ def _require_triton():
         raise RuntimeError("the 'triton' scan backend needs the triton package (pip install triton)")
 
 
-def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
-    """A new dense (batch, d, L) tensor: channels-last memory when x is a channels-last view, else contiguous."""
-    b, d, L = x.shape
-    if x.stride(1) < x.stride(2):
-        return x.new_empty(b, L, d).transpose(1, 2)
-    return x.new_empty(b, d, L)
-
-
 def _pair(a: torch.Tensor, b: torch.Tensor):
     """Two tensors with one shared set of strides (contiguous copies only if theirs differ)."""
     if a.shape != b.shape:
@@ -179,7 +173,7 @@ def bidirectional_selective_scan_triton(x_f, x_b, delta_f, delta_b, A_f, A_b, B_
     assert A_f.shape == A_b.shape == (d, n) and D_f.shape == D_b.shape == (d,)
     A_f, A_b, D_f, D_b, delta_bias_f, delta_bias_b = (
         t.float().contiguous() for t in (A_f, A_b, D_f, D_b, delta_bias_f, delta_bias_b))
-    out = _empty_like_layout(x_f)
+    out = empty_like_layout(x_f)
     if out.numel() == 0:
         return out
     grid = (batch, triton.cdiv(d, block_d))
@@ -199,7 +193,7 @@ def bidirectional_conv1d_silu(x, w_f, b_f, w_b, b_b, *, block_d: int = 32, block
     _require_triton()
     batch, d, L = x.shape
     width = w_f.shape[-1]
-    x_f, x_b = _empty_like_layout(x), _empty_like_layout(x)
+    x_f, x_b = empty_like_layout(x), empty_like_layout(x)
     if x.numel() == 0:
         return x_f, x_b
     zeros = None if b_f is not None and b_b is not None else x.new_zeros(d, dtype=torch.float32)
