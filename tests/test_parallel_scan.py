@@ -99,10 +99,12 @@ def test_auto_rule(monkeypatch):
     for device in ("mps", "xpu", "meta"):
         assert r("auto", device) == "parallel"
     monkeypatch.setitem(ops._IMPORTABLE, "mamba_ssm.ops.selective_scan_interface", False)
-    monkeypatch.setitem(ops._IMPORTABLE, "triton.language", True)
+    monkeypatch.setitem(ops._IMPORTABLE, "triton.language", False)
     assert r("auto", "cuda") == "parallel" and r("auto", "cuda:0", needs_grad=True) == "parallel"
-    monkeypatch.setattr(ops, "TRITON_VALIDATED", True)
+    monkeypatch.setitem(ops._IMPORTABLE, "triton.language", True)
     assert r("auto", "cuda") == "triton" and r("auto", "cuda", needs_grad=True) == "parallel"
+    monkeypatch.setattr(ops, "TRITON_VALIDATED", False)  # the switch the GPU validation sets
+    assert r("auto", "cuda") == "parallel"
     monkeypatch.setitem(ops._IMPORTABLE, "mamba_ssm.ops.selective_scan_interface", True)
     assert r("auto", "cuda") == "cuda" and r("auto", "cuda", needs_grad=True) == "cuda"
     assert r("parallel", "cpu", needs_grad=True) == "parallel" and r("ref", "cpu", needs_grad=True) == "ref"
