@@ -19,6 +19,8 @@ def main(argv=None):
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--configs", nargs="+", default=["8x16x4", "4x32x4", "8x32x8", "16x16x8", "4x16x2", "16x32x4"],
                    help="BLOCK_DxBLOCK_Lxnum_warps")
+    p.add_argument("--layouts", nargs="+", default=["contiguous", "channels_last"],
+                   help="x, delta, z as (b, d, L) memory, or as the mixer passes them: (b, d, L) views of (b, L, d)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--d", type=int, default=2304)
     p.add_argument("--device", default="cuda", help="cpu: a smoke test under TRITON_INTERPRET=1 (use a small --d)")
@@ -48,7 +50,7 @@ def main(argv=None):
 
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (interpreter)"
     print(f"{name}, torch {torch.__version__}, triton {triton.__version__}, {dtype}, b {b} d {d} n {n}")
-    for L in a.lengths:
+    for L, layout in ((L, layout) for L in a.lengths for layout in a.layouts):
         g = torch.Generator(device=dev).manual_seed(L)
         r = lambda *s: torch.randn(*s, device=dev, generator=g)  # noqa: E731
         kw = dict(x_f=r(b, d, L), x_b=r(b, d, L), delta_f=0.5 * r(b, d, L), delta_b=0.5 * r(b, d, L),
@@ -56,6 +58,9 @@ def main(argv=None):
                   C_f=r(b, n, L), C_b=r(b, n, L), D_f=r(d), D_b=r(d), z=r(b, d, L),
                   delta_bias_f=0.5 * r(d), delta_bias_b=0.5 * r(d))
         kw = {k: v.to(dtype) if v.dim() == 3 else v for k, v in kw.items()}
+        if layout == "channels_last":
+            kw = {k: v.transpose(1, 2).contiguous().transpose(1, 2) if k in ("x_f", "x_b", "delta_f", "delta_b", "z")
+                  else v for k, v in kw.items()}
         ref = two_scans(selective_scan_torch, {k: v.float() for k, v in kw.items()})
         moved = 8 * b * d * L * kw["x_f"].element_size()  # 5 reads, y_bwd write + read back, out write
         for cfg in a.configs:
@@ -64,9 +69,9 @@ def main(argv=None):
                 **kw, block_d=bd, block_l=bl, num_warps=nw)
             err = rel_err(run(), ref)
             t = median_ms(run)
-            print(f"L={L:6d} triton {cfg:8s} {t:9.3f} ms {moved / t / 1e6:6.0f} GB/s  rel err {err:.2e}",
+            print(f"L={L:6d} {layout:13s} triton {cfg:8s} {t:9.3f} ms {moved / t / 1e6:6.0f} GB/s  rel err {err:.2e}",
                   flush=True)
-        if dev.type == "cuda" and has_mamba_ssm():
+        if dev.type == "cuda" and has_mamba_ssm() and layout == "contiguous":
             run = lambda: two_scans(selective_scan_cuda, kw)  # noqa: E731
             err = rel_err(run(), ref)
             print(f"L={L:6d} mamba-ssm x2 + flips {median_ms(run):9.3f} ms  rel err {err:.2e}", flush=True)
