@@ -323,14 +323,17 @@ def step_generator(seed: int) -> torch.Generator:
 @torch.no_grad()
 def sample(model, noise, cond, uncond, *, mask=None, steps: int | None = 20, cfg_scale: float = 4.5,
            sampler: str = "dpmpp_2m", seed: int = 0, generator=None, callback=None, init_latent=None,
-           denoise: float = 1.0, uncond_mask=None, schedule: DiscreteSchedule | None = None) -> torch.Tensor:
+           denoise: float = 1.0, uncond_mask=None, schedule: DiscreteSchedule | None = None,
+           wrap_denoiser=None) -> torch.Tensor:
     """Sample latents from `noise` (B x C x H x W, standard normal) with classifier-free guidance.
 
     cond/uncond: T5 features B x L x C (or B x 1 x L x C, or batch 1 to broadcast); mask: B x L (1 = valid).
     The stochastic samplers (iddpm, sa_solver) draw their step noise from `generator`, by default
     step_generator(seed), so a call is reproducible. callback(step, total, x, denoised) is called after
     each step; raising from it stops sampling. init_latent with denoise < 1 starts from a noised image
-    latent (img2img). Returns the final latent.
+    latent (img2img). wrap_denoiser, if given, maps the guided denoiser (x, model time) -> (eps, variance
+    channels or None) to the one the sampler calls (caching, logging: ComfyUI's PREDICT_NOISE wrappers).
+    Returns the final latent.
     """
     steps = check_settings(sampler, steps, cfg_scale, denoise)
     if denoise < 1.0 and init_latent is None:
@@ -340,6 +343,8 @@ def sample(model, noise, cond, uncond, *, mask=None, steps: int | None = 20, cfg
     init = None if denoise >= 1.0 else init_latent.float().to(noise.device)
     t_start = max(denoise, 2.0 / schedule.N)
     guided = cfg_denoiser(model, cond, uncond, mask, uncond_mask, cfg_scale, batch=noise.shape[0])
+    if wrap_denoiser is not None:
+        guided = wrap_denoiser(guided)
     extra = {"generator": step_generator(seed) if generator is None else generator} if sampler in STOCHASTIC else {}
     return SAMPLER_FNS[sampler](guided, noise.float(), schedule, steps, callback=callback, init=init,
                                 t_start=t_start, **extra)

@@ -4,6 +4,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import uuid
 
 import torch
 
@@ -15,6 +16,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.ops
 import comfy.patcher_extension
+import comfy.samplers
 import comfy.supported_models_base
 import comfy.utils
 import latent_preview
@@ -410,11 +412,105 @@ def captions(positive, negative, batch):
                  for t in (cond, uncond, mask, u_mask))
 
 
-def _sampling_wrappers(model):
-    """Keys of the wrappers on a MODEL that hook ComfyUI's sampling loop (which DimbaSampler does not run)."""
-    kinds = ("outer_sample", "sampler_sample", "calc_cond_batch", "predict_noise", "diffusion_model")
+_WRAPPERS = comfy.patcher_extension.WrappersMP
+RUN_WRAPPERS = (_WRAPPERS.OUTER_SAMPLE, _WRAPPERS.CALC_COND_BATCH, _WRAPPERS.PREDICT_NOISE, _WRAPPERS.DIFFUSION_MODEL)
+OTHER_WRAPPERS = (_WRAPPERS.SAMPLER_SAMPLE, _WRAPPERS.APPLY_MODEL)  # parts of ComfyUI's loop DimbaSampler has not
+
+
+def _wrapper_keys(model, kinds):
+    """Keys of the wrappers of these kinds on a MODEL (EasyCache, LazyCache and other caching packs add them)."""
     wrappers = getattr(model, "wrappers", {}) or {}
     return sorted({str(key) for kind in kinds for key, found in wrappers.get(kind, {}).items() if found})
+
+
+def _wrapped(kind, options, fn, class_obj=None):
+    """fn inside the wrappers of `kind` found in these model options, as ComfyUI's sampling code calls them."""
+    found = comfy.patcher_extension.get_all_wrappers(kind, options, is_model_options=True)
+    return comfy.patcher_extension.WrapperExecutor.new_class_executor(fn, class_obj, found)
+
+
+class WrappedSampling:
+    """DimbaSampler's loop with the MODEL's sampling wrappers run where ComfyUI's samplers run them: OUTER_SAMPLE
+    around the whole loop (with a CFGGuider as the executor's object), then per network evaluation CALC_COND_BATCH
+    and DIFFUSION_MODEL (transformer_options with sigmas, sample_sigmas, uuids, cond_or_uncond), and PREDICT_NOISE
+    around the guided prediction in ComfyUI's terms (x and denoised in sigma space). Timesteps become sigmas
+    through the MODEL's model_sampling. With wrappers that return what they are given, the result is the unwrapped
+    one bit for bit (PREDICT_NOISE wrappers add a round trip through sigma space)."""
+
+    def __init__(self, model, denoiser, cfg, steps, seed, denoise=1.0):
+        self.model, self.denoiser, self.cfg, self.steps, self.seed = model, denoiser, cfg, steps, seed
+        self.denoise = denoise
+        self.sampling = model.model.model_sampling
+        self.guider = comfy.samplers.CFGGuider(model)
+        self.guider.set_cfg(cfg)
+        options = comfy.model_patcher.create_model_options_clone(model.model_options)
+        comfy.patcher_extension.merge_nested_dicts(options["transformer_options"].setdefault("wrappers", {}),
+                                                   model.wrappers, copy_dict1=False)
+        self.guider.model_options = options
+        self.uuids = [uuid.uuid4(), uuid.uuid4()]  # the uncond and cond halves of each batch, in that order
+        self.variance = None  # the variance channels of the last evaluation that ran (a cached step reuses them)
+
+    def run(self, noise, latent, sample_fn):
+        """sample_fn(network, wrap_denoiser) inside the OUTER_SAMPLE wrappers."""
+        start = 999 * min(1.0, self.denoise)  # sample_sigmas, for wrappers that count or schedule steps
+        self.sample_sigmas = self.sampling.sigma(torch.linspace(start, 0, self.steps + 1))
+
+        def outer_sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed):
+            return sample_fn(self.network, self.wrap_denoiser)
+
+        executor = _wrapped(_WRAPPERS.OUTER_SAMPLE, self.guider.model_options, outer_sample, self.guider)
+        return executor.execute(noise, latent, None, self.sample_sigmas, None, None, True, self.seed)
+
+    @property
+    def options(self):
+        return self.guider.model_options  # replaced by OUTER_SAMPLE wrappers (EasyCache puts its state there)
+
+    def network(self, x, t, y, mask):
+        """One network evaluation (the batch is [uncond, cond] halves, or cond alone), inside CALC_COND_BATCH and
+        DIFFUSION_MODEL wrappers; wrappers see the eps channels, the variance channels pass beside them."""
+        sigmas = self.sampling.sigma(t)
+        halves = 1 if self.cfg == 1.0 else 2  # dimba_core's CFG batches [uncond, cond]
+        opts = dict(self.options["transformer_options"], sigmas=sigmas, sample_sigmas=self.sample_sigmas,
+                    uuids=self.uuids[-halves:], cond_or_uncond=[1, 0][-halves:])
+        channels = x.shape[1]
+
+        def forward(x, timesteps, context, attention_mask, control, transformer_options, **kwargs):
+            out = self.denoiser(x, timesteps, context, attention_mask, attention_options=transformer_options)
+            self.variance = out[:, channels:] if out.shape[1] > channels else None
+            return out[:, :channels]
+
+        def calc_cond_batch(model, conds, x_in, timestep, model_options):
+            diffusion = _wrapped(_WRAPPERS.DIFFUSION_MODEL, {"transformer_options": opts}, forward,
+                                 self.model.model.diffusion_model)
+            return diffusion.execute(x_in, t, y, mask, None, opts)
+
+        eps = _wrapped(_WRAPPERS.CALC_COND_BATCH, self.options, calc_cond_batch).execute(
+            self.model.model, None, x, sigmas, self.options)
+        if self.variance is None or self.variance.shape[0] != eps.shape[0]:
+            return eps
+        return torch.cat([eps, self.variance], dim=1)
+
+    def wrap_denoiser(self, guided):
+        """The guided denoiser inside PREDICT_NOISE wrappers, which take and give ComfyUI's x and denoised."""
+        found = comfy.patcher_extension.get_all_wrappers(_WRAPPERS.PREDICT_NOISE, self.options, is_model_options=True)
+        if not found:
+            return guided
+        state = {}
+
+        def predict_noise(x_sigma, timestep, model_options=None, seed=None):
+            eps, state["variance"] = guided(x_sigma * state["alpha"], state["t"])
+            return x_sigma - state["sigma"] * eps
+
+        def wrapped(x, t):
+            sigma = self.sampling.sigma(torch.as_tensor(t, dtype=torch.float32).reshape(1)).to(x.device)
+            alpha = 1 / torch.sqrt(1 + sigma ** 2)
+            state.update(t=t, sigma=sigma, alpha=alpha, variance=state.get("variance"))
+            x_sigma = x / alpha
+            executor = _wrapped(_WRAPPERS.PREDICT_NOISE, self.options, predict_noise, self.guider)
+            denoised = executor.execute(x_sigma, sigma.expand(x.shape[0]), self.options, self.seed)
+            return (x_sigma - denoised) / sigma, state["variance"]
+
+        return wrapped
 
 
 def sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_name, denoise=1.0):
@@ -448,18 +544,29 @@ def sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_na
         preview(step, denoised, x, total)
 
     to = functools.partial(torch.Tensor.to, device=device)
-    options = dict(model.model_options.get("transformer_options", {}))  # e.g. an optimized_attention_override
-    wrappers = _sampling_wrappers(model)
-    if wrappers:
-        log.warning("DimbaSampler: the MODEL carries ComfyUI sampling wrappers (%s), which only ComfyUI's samplers "
-                    "run; use KSampler for them (EasyCache, LazyCache)", ", ".join(wrappers))
-    denoiser = functools.partial(net, dtype=model.model.compute_dtype(), attention_options=options)
-    try:  # the console bar is closed on Cancel too
-        out = dimba_core.sample(
-            denoiser, to(noise), to(cond), to(uncond),
+    ignored = _wrapper_keys(model, OTHER_WRAPPERS)
+    if ignored:
+        log.warning("DimbaSampler: the MODEL's %s wrappers (%s) hook parts of ComfyUI's sampling loop that "
+                    "DimbaSampler does not have; use KSampler for them", "/".join(OTHER_WRAPPERS), ", ".join(ignored))
+    denoiser = functools.partial(net, dtype=model.model.compute_dtype())
+
+    def run(network, wrap_denoiser=None):
+        return dimba_core.sample(
+            network, to(noise), to(cond), to(uncond),
             mask=to(mask), uncond_mask=None if u_mask is None else to(u_mask), steps=steps, cfg_scale=cfg,
             sampler=sampler_name, seed=seed, callback=callback,
-            init_latent=to(latent.float() * scale) if denoise < 1.0 else None, denoise=denoise)
+            init_latent=to(latent.float() * scale) if denoise < 1.0 else None, denoise=denoise,
+            wrap_denoiser=wrap_denoiser)
+
+    try:  # the console bar is closed on Cancel too
+        if _wrapper_keys(model, RUN_WRAPPERS):
+            log.info("DimbaSampler: running the MODEL's sampling wrappers (%s)",
+                     ", ".join(_wrapper_keys(model, RUN_WRAPPERS)))
+            wrapped = WrappedSampling(model, denoiser, cfg, steps, seed, denoise)
+            out = wrapped.run(noise, latent, run)
+        else:
+            options = dict(model.model_options.get("transformer_options", {}))  # e.g. an attention override
+            out = run(functools.partial(denoiser, attention_options=options))
     finally:
         console.close()
     return {"samples": (out.float() / scale).to(mm.intermediate_device())}

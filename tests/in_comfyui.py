@@ -916,6 +916,86 @@ def test_easycache_and_lazycache_skip_network_evaluations():
         assert calls < base_calls and torch.isfinite(out).all(), name
 
 
+class CountedNetwork:
+    """Counts forwards of the dimba_core network inside the Dimba MODEL (what DimbaSampler evaluates)."""
+
+    def __enter__(self):
+        self.net, self.calls = S["model"].model.diffusion_model.net, 0
+        forward = self.net.forward
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return forward(*args, **kwargs)
+
+        self.net.forward = counted
+        return self
+
+    def __exit__(self, *exc):
+        del self.net.forward
+
+
+def test_dimba_sampler_runs_sampling_wrappers():
+    """DimbaSampler runs OUTER_SAMPLE once and CALC_COND_BATCH / DIFFUSION_MODEL / PREDICT_NOISE once per network
+    evaluation; pass-through wrappers leave the result bit for bit (PREDICT_NOISE: within its sigma-space round
+    trip). The DIFFUSION_MODEL wrapper sees ComfyUI's transformer_options (sigmas, uuids, cond_or_uncond)."""
+    import comfy.patcher_extension as pe
+
+    pos, neg, latent = S["pos"], S["neg"], S["latent"]
+    plain = S["sampler"].sample(S["model"], pos, neg, latent, 7, 4, 4.5, "dpmpp_2m")[0]["samples"]
+    for kinds in ((pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.CALC_COND_BATCH, pe.WrappersMP.DIFFUSION_MODEL),
+                  (pe.WrappersMP.PREDICT_NOISE,)):
+        model, calls, seen = S["model"].clone(), {k: 0 for k in kinds}, []
+        for kind in kinds:
+            def wrapper(executor, *args, kind=kind, **kwargs):
+                calls[kind] += 1
+                if kind == pe.WrappersMP.DIFFUSION_MODEL:
+                    seen.append(args[-1])
+                return executor(*args, **kwargs)
+
+            model.add_wrapper_with_key(kind, "dimba_test", wrapper)
+        with CountedNetwork() as evaluations:
+            out = S["sampler"].sample(model, pos, neg, latent, 7, 4, 4.5, "dpmpp_2m")[0]["samples"]
+        print(f"DimbaSampler 4 steps, wrappers {calls}, {evaluations.calls} network evaluations, "
+              f"relative difference {rel(out, plain):.1e}")
+        for kind in kinds:
+            assert evaluations.calls == 4 and calls[kind] == (1 if kind == pe.WrappersMP.OUTER_SAMPLE else 4), kind
+        if pe.WrappersMP.PREDICT_NOISE in kinds:
+            assert rel(out, plain) < 1e-5
+        else:
+            assert torch.equal(out, plain)
+            options = seen[0]
+            assert len(options["uuids"]) == 2 and options["cond_or_uncond"] == [1, 0]
+            batch = 2 * latent["samples"].shape[0]  # the uncond and cond halves
+            assert options["sigmas"].shape == (batch,) and len(options["sample_sigmas"]) == 5
+
+
+def test_dimba_sampler_with_easycache_and_lazycache():
+    """EasyCache and LazyCache under DimbaSampler (20 steps, 512 px, the nodes' defaults): fewer network
+    evaluations, finite latents; iddpm (learned variance) too. Prints evaluations, wall time and the difference
+    from no cache; on the random tiny model the difference says nothing about real images."""
+    from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
+
+    pos, neg = S["pos"], S["neg"]
+    for sampler, steps, px in (("dpmpp_2m", 20, 512), ("iddpm", 12, 256)):
+        latent = {"samples": torch.zeros(1, 4, px // 8, px // 8)}
+        rows = {}
+        for name, node in (("none", None), ("EasyCache", EasyCacheNode), ("LazyCache", LazyCacheNode)):
+            model = S["model"] if node is None else run_node(node, model=S["model"], reuse_threshold=0.2,
+                                                             start_percent=0.15, end_percent=0.95, verbose=False)[0]
+            S["sampler"].sample(model, pos, neg, latent, 3, 2, 4.5, sampler)  # warm-up
+            with CountedNetwork() as evaluations:
+                t0 = time.perf_counter()
+                out = S["sampler"].sample(model, pos, neg, latent, 3, steps, 4.5, sampler)[0]["samples"]
+                rows[name] = (evaluations.calls, time.perf_counter() - t0, out)
+        base_calls, base_time, base = rows["none"]
+        for name, (calls, seconds, out) in rows.items():
+            print(f"DimbaSampler {sampler} {steps} steps {px} px, cache {name}: {calls} network evaluations, "
+                  f"{seconds:.2f} s ({seconds / base_time:.2f}x of none), relative difference {rel(out, base):.2e}")
+        for name in ("EasyCache", "LazyCache"):
+            calls, _, out = rows[name]
+            assert calls < base_calls and torch.isfinite(out).all(), (sampler, name)
+
+
 def inspect_unwrap(fn):
     import inspect
 

@@ -160,6 +160,22 @@ def test_callback_sees_every_step_and_can_interrupt():
         sample(GaussianOracle(1.0), noise_like((2, 4, 4, 4), 0), y, y, steps=7, callback=stop)
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_wrap_denoiser_sees_every_guided_evaluation(sampler):
+    """wrap_denoiser replaces the guided denoiser (x, t) -> (eps, variance): a pass-through changes nothing."""
+    y, calls = torch.zeros(1, 4, 8), []
+
+    def wrap(guided):
+        def counted(x, t):
+            calls.append(float(t))
+            return guided(x, t)
+        return counted
+
+    plain = sample(GaussianOracle(1.0), noise_like((2, 4, 4, 4), 0), y, y, steps=5, sampler=sampler)
+    got = sample(GaussianOracle(1.0), noise_like((2, 4, 4, 4), 0), y, y, steps=5, sampler=sampler, wrap_denoiser=wrap)
+    assert torch.equal(got, plain) and len(calls) >= 5 and calls == sorted(calls, reverse=True)
+
+
 def test_cfg_batches_uncond_then_cond_and_repeats_the_mask():
     calls = []
 
