@@ -890,30 +890,36 @@ def test_wrappers_and_attention_override_reach_the_network():
     assert calls["override"] == 2 * depth * 2  # 2 steps of one evaluation (cond and uncond batched)
 
 
-def test_easycache_and_lazycache_skip_network_evaluations():
-    """EasyCache and LazyCache on the Dimba MODEL under KSampler (20 steps, default settings): fewer network
-    evaluations. Prints evaluations, wall time and the difference from no cache (one process); on the random tiny
-    model the difference says nothing about real images."""
+def cache_runs(run, steps, counter):
+    """run(model, steps) on the MODEL with no cache, EasyCache and LazyCache (their defaults), after a 2-step
+    warm-up each: {name: (network evaluations, seconds, output)}; printed against no cache."""
     from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
 
-    pos, neg = S["pos"], S["neg"]
-    latent = torch.zeros(1, 4, 64, 64)  # 512 px
     rows = {}
     for name, node in (("none", None), ("EasyCache", EasyCacheNode), ("LazyCache", LazyCacheNode)):
         model = S["model"] if node is None else run_node(node, model=S["model"], reuse_threshold=0.2,
                                                          start_percent=0.15, end_percent=0.95, verbose=False)[0]
-        ksampler(model, pos, neg, latent, steps=2)  # warm-up
-        with CountedForward() as evaluations:
+        run(model, 2)
+        with counter() as evaluations:
             t0 = time.perf_counter()
-            out = ksampler(model, pos, neg, latent, steps=20)
+            out = run(model, steps)
             rows[name] = (evaluations.calls, time.perf_counter() - t0, out)
     base_calls, base_time, base = rows["none"]
     for name, (calls, seconds, out) in rows.items():
-        print(f"cache {name}: {calls} network evaluations, {seconds:.2f} s ({seconds / base_time:.2f}x of none), "
+        print(f"  cache {name}: {calls} network evaluations, {seconds:.2f} s ({seconds / base_time:.2f}x of none), "
               f"relative difference {rel(out, base):.2e}")
     for name in ("EasyCache", "LazyCache"):
-        calls, _, out = rows[name]
-        assert calls < base_calls and torch.isfinite(out).all(), name
+        assert rows[name][0] < base_calls and torch.isfinite(rows[name][2]).all(), name
+    return rows
+
+
+def test_easycache_and_lazycache_skip_network_evaluations():
+    """EasyCache and LazyCache on the Dimba MODEL under KSampler (20 steps, default settings): fewer network
+    evaluations. Prints evaluations, wall time and the difference from no cache (one process); on the random tiny
+    model the difference says nothing about real images."""
+    latent = torch.zeros(1, 4, 64, 64)  # 512 px
+    print("KSampler euler 20 steps 512 px")
+    cache_runs(lambda model, steps: ksampler(model, S["pos"], S["neg"], latent, steps=steps), 20, CountedForward)
 
 
 class CountedNetwork:
@@ -973,27 +979,11 @@ def test_dimba_sampler_with_easycache_and_lazycache():
     """EasyCache and LazyCache under DimbaSampler (20 steps, 512 px, the nodes' defaults): fewer network
     evaluations, finite latents; iddpm (learned variance) too. Prints evaluations, wall time and the difference
     from no cache; on the random tiny model the difference says nothing about real images."""
-    from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
-
-    pos, neg = S["pos"], S["neg"]
     for sampler, steps, px in (("dpmpp_2m", 20, 512), ("iddpm", 12, 256)):
         latent = {"samples": torch.zeros(1, 4, px // 8, px // 8)}
-        rows = {}
-        for name, node in (("none", None), ("EasyCache", EasyCacheNode), ("LazyCache", LazyCacheNode)):
-            model = S["model"] if node is None else run_node(node, model=S["model"], reuse_threshold=0.2,
-                                                             start_percent=0.15, end_percent=0.95, verbose=False)[0]
-            S["sampler"].sample(model, pos, neg, latent, 3, 2, 4.5, sampler)  # warm-up
-            with CountedNetwork() as evaluations:
-                t0 = time.perf_counter()
-                out = S["sampler"].sample(model, pos, neg, latent, 3, steps, 4.5, sampler)[0]["samples"]
-                rows[name] = (evaluations.calls, time.perf_counter() - t0, out)
-        base_calls, base_time, base = rows["none"]
-        for name, (calls, seconds, out) in rows.items():
-            print(f"DimbaSampler {sampler} {steps} steps {px} px, cache {name}: {calls} network evaluations, "
-                  f"{seconds:.2f} s ({seconds / base_time:.2f}x of none), relative difference {rel(out, base):.2e}")
-        for name in ("EasyCache", "LazyCache"):
-            calls, _, out = rows[name]
-            assert calls < base_calls and torch.isfinite(out).all(), (sampler, name)
+        print(f"DimbaSampler {sampler} {steps} steps {px} px")
+        cache_runs(lambda model, n: S["sampler"].sample(model, S["pos"], S["neg"], latent, 3, n, 4.5, sampler)[0][
+            "samples"], steps, CountedNetwork)
 
 
 def inspect_unwrap(fn):
