@@ -155,8 +155,9 @@ def _infer_config(shapes: dict) -> T5Config:
         is_encoder_decoder=False, use_cache=False)
 
 
-def read_t5_file(path, dtype=torch.float32):
-    """Read a single-file T5 encoder: stripped keys, fp8 upcast and scaled, plus the inferred config."""
+def read_t5_file(path, dtype=torch.float32, keep_float8=False):
+    """Read a single-file T5 encoder: stripped keys, fp8 upcast and scaled (or block linear weights kept float8,
+    their scales under FLOAT8_SCALE keys), plus the inferred config."""
     with open_safetensors(path) as f:
         keys = list(f.keys())
         prefix = key_prefix(path, keys, ANCHOR_KEY, "T5 encoder",
@@ -186,8 +187,50 @@ def read_t5_file(path, dtype=torch.float32):
             module = key.rsplit(".", 1)[0]
             scale = scales.get(module + ".scale_weight", scales.get(key + "_scale"))
             scale = None if scale is None else f.get_tensor(scale).float()
-            state[key] = read_tensor(f, name, torch.float32 if _keep_fp32(key, dtype) else dtype, scale)
+            if keep_float8 and _stays_float8(f, name, key, scale):
+                state[key] = f.get_tensor(name)
+                state[module + FLOAT8_SCALE] = torch.ones(()) if scale is None else scale.reshape(())
+            else:
+                state[key] = read_tensor(f, name, torch.float32 if _keep_fp32(key, dtype) else dtype, scale)
     return state, config
+
+
+FLOAT8_SCALE = ".float8_scale"  # the state key of a kept float8 weight's scale
+
+
+def _stays_float8(f, name, key, scale) -> bool:
+    """A float8 weight of an encoder block's linear layer (with at most one scale) is kept as stored; but not the
+    feed-forward output `wo`, whose input transformers casts to wo's weight dtype (that would be float8)."""
+    part = f.get_slice(name)
+    return (SAFETENSORS_DTYPES.get(part.get_dtype()) in FLOAT8 and len(part.get_shape()) == 2
+            and key.startswith("encoder.block.") and key.endswith(".weight")
+            and not key.endswith(".wo.weight") and "relative_attention_bias" not in key
+            and (scale is None or scale.numel() == 1))
+
+
+class Float8Linear(torch.nn.Linear):
+    """A bias-free linear layer whose weight stays in the file's float8, times its float32 scale, dequantized at
+    use into the input's dtype: the values a float32 upcast at load would give, in a quarter (half) of the memory
+    of float32 (16-bit) weights."""
+
+    def dequantized(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """weight (float8, or already cast by a host) times the scale, rounded once into dtype."""
+        return (weight.float() * self.float8_scale.to(weight.device)).to(dtype)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.dequantized(self.weight, x.dtype))
+
+
+def _keep_float8(model: T5EncoderModel, state: dict) -> dict:
+    """Make the linear layers whose weights the state keeps in float8 Float8Linear (scale buffers registered);
+    returns the state without the scales."""
+    for key in [k for k in state if k.endswith(FLOAT8_SCALE)]:
+        layer = model.get_submodule(key[: -len(FLOAT8_SCALE)])
+        if type(layer) is not torch.nn.Linear or layer.bias is not None:
+            raise DimbaLoadError(f"float8 weight {key[: -len(FLOAT8_SCALE)]}.weight is not a bias-free linear layer's")
+        layer.__class__ = Float8Linear
+        layer.register_buffer("float8_scale", state.pop(key).float())
+    return state
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -248,10 +291,11 @@ def _filled(model: T5EncoderModel, state: dict) -> T5EncoderModel:
     return model
 
 
-def _build_from_file(path, dtype) -> T5EncoderModel:
+def _build_from_file(path, dtype, keep_float8=True) -> T5EncoderModel:
     """T5EncoderModel with weights from one .safetensors file; ValueError on missing/mismatched keys."""
-    state, config = read_t5_file(path, dtype)
+    state, config = read_t5_file(path, dtype, keep_float8)
     model, expected = _empty_encoder(config)
+    state = _keep_float8(model, state)
     check_keys(expected, {k: v.shape for k, v in state.items()}, path,
                f"a T5 encoder of the inferred shape (d_model {config.d_model}, {config.num_layers} layers, "
                f"{config.num_heads} heads)", unexpected_ok=True)
@@ -301,18 +345,23 @@ class T5TextEncoder:
         self._dtype = dtype or model.shared.weight.dtype
 
     @classmethod
-    def from_pretrained(cls, path, *, tokenizer=None, device="cpu", dtype=None):
+    def from_pretrained(cls, path, *, tokenizer=None, device="cpu", dtype=None, keep_float8=None):
         """Load from a Hugging Face folder or a single t5xxl .safetensors file.
 
         dtype (a torch dtype or "bf16" / "fp16" / "fp32"): what the weights are stored and run in; default bf16
         (T5 v1.1's own training dtype: half of float32's memory, 8.9 GiB instead of 17.7 GiB for T5-XXL, and
         fast on CPUs with bf16 matrix units), fp16 on a CUDA GPU without bf16. Weights are read tensor by tensor
-        into that dtype, with no float32 or second copy of the model.
+        into that dtype, with no float32 or second copy of the model. A float8 file's attention and gated-GELU
+        input weights (t5xxl_fp8_e4m3fn[_scaled]) stay float8 with their scales (Float8Linear; about 5.9 GB for
+        T5-XXL in all): dequantized at use, they give the embeddings of a load-time upcast bit for bit.
+        keep_float8=False upcasts them at load instead (default: kept, except on Apple MPS, which has no float8).
         """
         dtype = t5_dtype(dtype, device)
+        if keep_float8 is None:
+            keep_float8 = torch.device(device).type != "mps"
         kind, path = weights_source(path, "T5 model", "text_encoder")
-        build = _build_from_folder if kind == "folder" else _build_from_file
-        model = load_guarded(lambda: build(path, dtype), path, "T5 encoder")
+        model = load_guarded(lambda: _build_from_folder(path, dtype) if kind == "folder" else
+                             _build_from_file(path, dtype, keep_float8), path, "T5 encoder")
         tok = load_tokenizer(find_tokenizer_dir(path, tokenizer))
         return cls(model, tok, dtype=dtype).to(device=device)
 
@@ -334,11 +383,12 @@ class T5TextEncoder:
     def to(self, device=None, dtype=None):
         """Move and/or cast the encoder in place; returns self."""
         if dtype is not None:
-            self.model.to(dtype=dtype)
+            for name, module in self.model.named_modules():  # float8 weights stay float8 (Float8Linear)
+                target = torch.float32 if _keep_fp32(name + ".weight", dtype) else dtype
+                for tensor in module.parameters(recurse=False):
+                    if tensor.dtype not in FLOAT8:
+                        tensor.data = tensor.data.to(target)
             self._dtype = dtype
-            for name, module in self.model.named_modules():
-                if _keep_fp32(name + ".weight", dtype):
-                    module.float()
         if device is not None:
             self.model.to(device=device)
         return self
@@ -358,5 +408,5 @@ class T5TextEncoder:
         return emb.to(self.dtype), mask
 
 
-__all__ = ["T5TextEncoder", "load_tokenizer", "tokenize", "find_tokenizer_dir",
+__all__ = ["Float8Linear", "T5TextEncoder", "load_tokenizer", "tokenize", "find_tokenizer_dir",
            "comfy_tokenizer_dir", "read_t5_file", "t5_dtype", "MAX_LENGTH"]

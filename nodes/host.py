@@ -329,7 +329,9 @@ def streamable(model):
     of T5LayerNorm), so that ComfyUI loads what fits on the GPU and streams the rest, as its own text encoders."""
     ops = comfy.ops.manual_cast
     for module in model.modules():
-        if type(module) is torch.nn.Linear:
+        if type(module) is text.Float8Linear:
+            module.__class__ = CastFloat8Linear
+        elif type(module) is torch.nn.Linear:
             module.__class__ = ops.Linear
         elif type(module) is torch.nn.Embedding:
             module.__class__ = ops.Embedding
@@ -337,6 +339,17 @@ def streamable(model):
         elif type(module).__name__ == "T5LayerNorm":
             module.__class__ = _cast_norm_class(type(module))
     return model
+
+
+class CastFloat8Linear(text.Float8Linear, comfy.ops.CastWeightBiasOp):
+    """dimba_core's Float8Linear (a float8 T5 weight kept as stored) as a ComfyUI cast-at-use layer: ComfyUI moves
+    the float8 weight where it computes (streaming it when it did not fit), then it is dequantized there."""
+
+    comfy_cast_weights = True
+
+    def forward(self, x):
+        weight, _ = comfy.ops.cast_bias_weight(self, device=x.device, dtype=self.weight.dtype)
+        return torch.nn.functional.linear(x, self.dequantized(weight, x.dtype))
 
 
 class DimbaT5:
@@ -370,9 +383,10 @@ def load_t5(path, device="default", dtype="default"):
         torch_dtype = torch.bfloat16  # 16 bits as ComfyUI stores text encoders; fp16 matmuls are slow on CPUs
     else:
         torch_dtype = mm.text_encoder_dtype(load_device)
-        if torch_dtype.itemsize == 1:  # fp8 storage: compute T5 in half precision instead
+        if torch_dtype.itemsize == 1:  # --fp8_e4m3fn-text-enc: a float8 file stays float8; the rest in 16 bits
             torch_dtype = torch.bfloat16 if mm.should_use_bf16(load_device) else torch.float16
-    encoder = text.T5TextEncoder.from_pretrained(path, device=offload_device, dtype=torch_dtype)
+    encoder = text.T5TextEncoder.from_pretrained(path, device=offload_device, dtype=torch_dtype,
+                                                 keep_float8=load_device.type != "mps")  # MPS has no float8
     return DimbaT5(encoder, load_device, offload_device)
 
 

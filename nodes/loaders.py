@@ -97,7 +97,7 @@ class DimbaT5Loader:
                        "device; cpu keeps T5 off the GPU."}),
             "dtype": (DTYPE_CHOICES, {"default": "default", "tooltip": "Storage and compute dtype; default is "
                       "bf16 on the CPU (8.9 GiB for T5-XXL instead of 17.7 GiB in fp32) and ComfyUI's text encoder "
-                      "dtype on GPUs."}),
+                      "dtype on GPUs. An fp8 file keeps its float8 weights (5.5 GiB), computed in this dtype."}),
         }}
 
     RETURN_TYPES = ("DIMBA_T5",)

@@ -181,6 +181,40 @@ def test_t5_partial_load_equals_full_load():
     assert torch.equal(emb.float(), full[0][0]) and torch.equal(mask, full[0][1]["attention_mask"])
 
 
+def test_fp8_t5_stays_float8_and_streams():
+    """A t5xxl_fp8_e4m3fn_scaled-style file in DimbaT5Loader: its float8 weights stay float8 in ComfyUI's
+    cast-at-use layers (a quarter of float32's bytes), its conditioning is the headless one bit for bit, and a third
+    loaded gives the full load's."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(f"{S['t5_dir']}/model.safetensors")
+    sd = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for key, w in weights.items():
+        if key.startswith("encoder.block.") and w.ndim == 2 and "relative_attention_bias" not in key:
+            scale = w.float().abs().max() / 448.0
+            sd[key], sd[key[: -len("weight")] + "scale_weight"] = (w.float() / scale).to(torch.float8_e4m3fn), scale
+        else:
+            sd[key] = w
+    path = f"{S['tmp']}/t5xxl_fp8_e4m3fn_scaled.safetensors"
+    save_file({k: v.reshape(1) if k.endswith("scale_weight") else v for k, v in sd.items()}, path)
+    t5 = S["host"].load_t5(path, "cpu")
+    kept = [m for m in t5.encoder.model.modules() if isinstance(m, S["host"].CastFloat8Linear)]
+    assert kept and all(m.weight.dtype == torch.float8_e4m3fn and m.comfy_cast_weights for m in kept)
+    head = S["core"].text.T5TextEncoder.from_pretrained(path)  # the tokenizer found as DimbaT5Loader finds it
+    full = t5.encode("a cat on a mat", 300)
+    want = head.encode(["a cat on a mat"])[0].float()
+    assert torch.equal(full[0][0], want)
+    cpu = torch.device("cpu")
+    t5.patcher.patch_model(cpu, lowvram_model_memory=t5.patcher.model_size() // 3, load_weights=True)
+    try:
+        assert t5.patcher.model.model_lowvram
+        emb, _ = t5.encoder.encode(["a cat on a mat"], max_length=300, device=cpu)
+    finally:
+        t5.patcher.unpatch_model(cpu, unpatch_weights=True)
+    assert torch.equal(emb.float(), full[0][0])
+    print(f"fp8 T5: {len(kept)} float8 layers, model size {t5.patcher.model_size()} bytes")
+
+
 class PytorchAttention:
     """ComfyUI's attention dispatch set to PyTorch SDPA (as --use-pytorch-cross-attention, the default on GPUs;
     on the CPU ComfyUI picks its sub-quadratic attention, which differs from SDPA at float rounding)."""

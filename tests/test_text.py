@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dimba_core import text
-from dimba_core.text import T5TextEncoder, load_tokenizer, tokenize
+from dimba_core.text import Float8Linear, T5TextEncoder, load_tokenizer, tokenize
 from dimba_core.tiny_assets import write_tiny_t5
 
 PROMPTS = ["a photo of a cat", ""]
@@ -106,7 +106,16 @@ def _encode_weights(weights, folder, tmp_path):
     return T5TextEncoder.from_pretrained(path, tokenizer=folder, dtype=torch.float32).encode(PROMPTS, max_length=32)[0]
 
 
-def test_scaled_fp8_file(tiny, tmp_path):
+def _kept_float8(enc) -> dict:
+    """{layer name: Float8Linear} of an encoder."""
+    return {n: m for n, m in enc.model.named_modules() if isinstance(m, Float8Linear)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_fp8_file_stays_float8(tiny, tmp_path, dtype):
+    """t5xxl_fp8_e4m3fn_scaled's layout: its attention and wi weights stay float8 with their scales (wo, whose input
+    transformers casts to wo's dtype, is upcast), and the embeddings equal those of the dequantized weights stored
+    in float32, bit for bit; .to(dtype) keeps them float8."""
     folder, weights = tiny
     sd, dequant = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}, {}
     for key, w in weights.items():
@@ -119,25 +128,38 @@ def test_scaled_fp8_file(tiny, tmp_path):
             dequant[key] = q.float() * scale
         else:
             sd[key] = dequant[key] = w.half()
-    path = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"
+    path, plain = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors", tmp_path / "dequantized.safetensors"
     save_file(sd, str(path))
-    enc = T5TextEncoder.from_pretrained(path, tokenizer=folder, dtype=torch.float32)
-    loaded = enc.model.state_dict()
-    for key, w in weights.items():
-        torch.testing.assert_close(loaded[key], dequant[key].float(), rtol=0, atol=1e-7)
-        assert (loaded[key] - w).norm() <= 0.07 * w.norm(), key  # e4m3 keeps 3 mantissa bits
-    ref = _encode_weights({k: v.float() for k, v in dequant.items()}, folder, tmp_path)
-    torch.testing.assert_close(enc.encode(PROMPTS, max_length=32)[0], ref, rtol=0, atol=1e-6)
+    save_file({k: v.float() for k, v in dequant.items()}, str(plain))
+    enc = T5TextEncoder.from_pretrained(path, tokenizer=folder, dtype=dtype)
+    kept = _kept_float8(enc)
+    assert kept and all(".wo" not in n for n in kept) and all("wo" in n or "wi" in n or "Attention" in n
+                                                              for n in kept)
+    for name, layer in kept.items():
+        assert layer.weight.dtype == torch.float8_e4m3fn
+        assert torch.equal(layer.dequantized(layer.weight, torch.float32), dequant[name + ".weight"]), name
+    want = T5TextEncoder.from_pretrained(plain, tokenizer=folder, dtype=dtype).encode(PROMPTS, max_length=32)[0]
+    assert torch.equal(enc.encode(PROMPTS, max_length=32)[0], want)
+    assert all(m.weight.dtype == torch.float8_e4m3fn for m in _kept_float8(enc.to(dtype=torch.float16)).values())
+    upcast = T5TextEncoder.from_pretrained(path, tokenizer=folder, dtype=dtype, keep_float8=False)  # as on MPS
+    assert not _kept_float8(upcast) and torch.equal(upcast.encode(PROMPTS, max_length=32)[0], want)
 
 
-def test_plain_fp8_file_is_upcast(tiny, tmp_path):
+def test_plain_fp8_file_stays_float8(tiny, tmp_path):
+    """An fp8 file without scales (t5xxl_fp8_e4m3fn): the same, with scale 1; a quarter of float32's bytes."""
     folder, weights = tiny
     sd = {k: v.to(torch.float8_e4m3fn) if k.startswith("encoder.block.") else v for k, v in weights.items()}
-    path = tmp_path / "t5xxl_fp8_e4m3fn.safetensors"
+    path, plain = tmp_path / "t5xxl_fp8_e4m3fn.safetensors", tmp_path / "upcast.safetensors"
     save_file(sd, str(path))
-    loaded = T5TextEncoder.from_pretrained(path, tokenizer=folder, dtype=torch.float32).model.state_dict()
-    for key, w in sd.items():
-        assert loaded[key].dtype == torch.float32 and torch.equal(loaded[key], w.float()), key
+    save_file({k: v.float() for k, v in sd.items()}, str(plain))
+    enc = T5TextEncoder.from_pretrained(path, tokenizer=folder, dtype=torch.float32)
+    ref = T5TextEncoder.from_pretrained(plain, tokenizer=folder, dtype=torch.float32)
+    assert torch.equal(enc.encode(PROMPTS, max_length=32)[0], ref.encode(PROMPTS, max_length=32)[0])
+    kept = _kept_float8(enc)
+    assert kept and all(float(m.float8_scale) == 1.0 for m in kept.values())
+    size = {n: sum(p.numel() * p.element_size() for p in e.model.parameters()) for n, e in (("f8", enc), ("f32", ref))}
+    saved = sum(m.weight.numel() * 3 for m in kept.values())  # 1 byte instead of 4 per kept weight
+    assert size["f8"] == size["f32"] - saved
 
 
 def test_missing_and_wrong_keys_name_them(tiny, tmp_path):
