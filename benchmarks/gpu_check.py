@@ -8,7 +8,8 @@ Needs a CUDA device; mamba-ssm (and causal-conv1d) are used when installed. Rows
 - sync: a Dimba-L-2 forward (fixed caption mask) under torch.cuda.set_sync_debug_mode("error"), per backend
   (`parallel`, `cuda` and `triton` when they run);
 - graph: the same forward captured in a CUDA graph and replayed on new inputs, against eager;
-- compile: torch.compile(fullgraph=True) of a tiny Dimba on `parallel`, inductor, against eager.
+- compile: torch.compile(fullgraph=True) of a tiny Dimba per backend (custom ops for mamba-ssm / triton), inductor,
+  against eager.
 """
 import argparse
 import json
@@ -107,21 +108,27 @@ def capture_rows(dev, px=512, dtype=torch.float16):
 
 
 def compile_rows(dev):
+    """A tiny Dimba compiled fullgraph with inductor on each backend (mamba-ssm's and the Triton kernels enter the
+    graph as dimba:: custom ops), against eager."""
     cfg = DimbaConfig(hidden_size=64, depth=4, num_heads=4, caption_channels=32, model_max_length=16, base_size=8)
-    torch.manual_seed(0)
-    model = Dimba(cfg, scan_backend="parallel").to(dev).eval()
     x, y = torch.randn(2, 4, 16, 16, device=dev), torch.randn(2, 1, 16, 32, device=dev)
     t, mask = torch.tensor([10.0, 700.0], device=dev), torch.ones(2, 16, dtype=torch.long, device=dev)
     mask[0, 5:] = 0
-    row = dict(what="compile", backend="parallel", inductor=True)
-    try:
-        with torch.no_grad():
-            eager = model(x, t, y, mask)
-            out = torch.compile(model, fullgraph=True)(x, t, y, mask)
-        row.update(ok=True, rel_err=rel_err(out, eager))
-    except Exception as e:
-        row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
-    return [row]
+    rows = []
+    for backend in ["parallel"] + ["cuda"] * has_mamba_ssm() + ["triton"] * has_triton():
+        torch.manual_seed(0)
+        model = Dimba(cfg, scan_backend=backend).to(dev).eval()
+        row = dict(what="compile", backend=backend, inductor=True)
+        try:
+            torch._dynamo.reset()
+            with torch.no_grad():
+                eager = model(x, t, y, mask)
+                out = torch.compile(model, fullgraph=True)(x, t, y, mask)
+            row.update(ok=True, rel_err=rel_err(out, eager))
+        except Exception as e:
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+        rows.append(row)
+    return rows
 
 
 def main():
