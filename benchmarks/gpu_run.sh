@@ -14,7 +14,7 @@
 # attention-only at 512/1024/2048 px fp16/bf16 for auto(cuda)/parallel/triton, eager and as CUDA graphs,
 # accuracy vs the fp32 model, scans vs two mamba-ssm calls, 20 CFG steps at 1024 px); 3. benchmarks.train_step
 # (Dimba-L-2 LoRA / full, with and without checkpointing, bf16, CAME); 4. benchmarks.triton_scan (block configs,
-# both layouts, against two mamba-ssm calls); 5. benchmarks.gpu_profile (the largest kernels of a forward, kernel
+# sequence splits, both layouts, against two mamba-ssm calls); 5. benchmarks.gpu_profile (the largest kernels of a forward, kernel
 # count); 6. the tests that take DIMBA_TEST_DEVICE=cuda (parallel scan,
 # compile incl. mamba-ssm's custom op, golden parity on cuda/parallel/triton, triton kernels compiled).
 # Not covered: the ComfyUI host tier on CUDA (needs a ComfyUI checkout there; set COMFYUI_PATH if carried).
@@ -49,7 +49,7 @@ export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
         --steps 3 2>&1 | grep --line-buffered -v Warning
     echo "== 4. fused triton scan vs two mamba-ssm calls (fp16, block configs, both layouts)"
     timeout 60 python3 -m benchmarks.triton_scan --dtype float16 --lengths 4096 16384 \
-        --configs 8x16x4 4x32x4 2x32x2 2x64x4 4x64x4 1x64x2 2>&1 \
+        --configs 8x16x4 4x32x4 2x32x2 4x64x4 4x32x4x8 4x32x4x32 8x16x4x16 2x32x2x16 2>&1 \
         | grep --line-buffered -v Warning
     echo "== 5. profile: Dimba-L-2 (auto, triton) and the attention-only twin, fp16, 512 / 2048 px"
     timeout 50 python3 -m benchmarks.gpu_profile 2>&1 | grep --line-buffered -v Warning

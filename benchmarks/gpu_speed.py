@@ -6,7 +6,7 @@ One CUDA device, one process, random weights, batch 2 (a CFG pair), 300-token ca
 CUDA events, median of --repeats after a warm-up (a run over 0.3 s is timed once). Model rows: the model as
 users get it (`auto`), the attention-only twin (every Mamba block skipped), both again with the caption cut to its
 120 valid tokens (`_trimmed`: what skipping the padding would save), the `parallel` backend, the fused
-`triton` backend (when triton runs) and the `torch` scan (512 px only: its per-step loop is a CPU path); at
+`triton` backend (when triton runs; also with its scan split 16 ways, `_seg16`) and the `torch` scan (512 px only: its per-step loop is a CPU path); at
 --graph-sizes also auto / triton / the twin replayed as a captured CUDA graph (no launch overhead). Every row's
 output is compared with the float32 model (relative L2 error; `ref` scan, at 2048 px the `parallel` scan, which
 equals it to 1e-7 in float32, since the naive loop takes minutes there). Then the scan alone at
@@ -79,6 +79,14 @@ def inputs(px, dtype):
     return x, torch.tensor([500.0, 500.0], device="cuda"), y, mask
 
 
+def set_segments(n):
+    """The fused triton scan's default sequence split (ops.triton_scan.SEGMENTS), where triton runs."""
+    if has_triton():
+        from dimba_core.ops import triton_scan
+
+        triton_scan.SEGMENTS = n
+
+
 def attention_only(model):
     """The same network with mamba_ratio 0: Dimba's attention blocks and weights, no Mamba blocks."""
     with torch.device("cuda"):
@@ -107,7 +115,7 @@ def model_rows(sizes, dtypes, repeats, graph_sizes, clock):
                         ("dimba_trimmed", "auto", True), ("attention_only_trimmed", "auto", False),
                         ("dimba_parallel", "parallel", True)]
             if has_triton():
-                variants.append(("dimba_triton", "triton", True))
+                variants += [("dimba_triton", "triton", True), ("dimba_triton_seg16", "triton", True)]
             if px == 512:
                 variants.append(("dimba_torch_scan", "torch", True))
             x, t, y, mask = args
@@ -123,6 +131,11 @@ def model_rows(sizes, dtypes, repeats, graph_sizes, clock):
                     with torch.inference_mode():
                         net(*call)
 
+                segments = 16 if name.endswith("_seg16") else 1  # the fused scan split 16 ways along the sequence
+                set_segments(segments)
+                if segments > 1:
+                    with torch.inference_mode():
+                        out = net(*call)
                 ms, act = timed(run, repeats if backend != "torch" else 1)
                 row = dict(kind="model", name=name, backend=used, px=px, tokens=(px // 16) ** 2, dtype=str(dtype),
                            ms=ms, act_gb=act, finite=bool(torch.isfinite(out).all()),
@@ -130,6 +143,7 @@ def model_rows(sizes, dtypes, repeats, graph_sizes, clock):
                 if px in graph_sizes and backend in ("auto", "triton"):  # launches removed: the GPU's own time
                     with torch.inference_mode():
                         row["cuda_graph_ms"] = cuda_ms(graphed(lambda: net(*call)), repeats=repeats)
+                set_segments(1)
                 rows.append(row)
                 print(f"[{clock():.0f} s]", row, flush=True)
         del model, twin

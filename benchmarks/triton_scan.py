@@ -1,5 +1,6 @@
-"""The fused Triton scan on a GPU: every block config against a float32 PyTorch reference, and mamba-ssm's
-kernel run twice on flipped copies (when installed): python -m benchmarks.triton_scan [--lengths ...]."""
+"""The fused Triton scan on a GPU: every block config (and sequence split, `segments`) against a float32 PyTorch
+reference, and mamba-ssm's kernel run twice on flipped copies (when installed):
+python -m benchmarks.triton_scan [--lengths ...]."""
 import argparse
 import time
 
@@ -18,7 +19,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.triton_scan", description=main.__doc__)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--configs", nargs="+", default=["8x16x4", "4x32x4", "8x32x8", "16x16x8", "4x16x2", "16x32x4"],
-                   help="BLOCK_DxBLOCK_Lxnum_warps")
+                   help="BLOCK_DxBLOCK_Lxnum_warps[xsegments]")
     p.add_argument("--layouts", nargs="+", default=["contiguous", "channels_last"],
                    help="x, delta, z as (b, d, L) memory, or as the mixer passes them: (b, d, L) views of (b, L, d)")
     p.add_argument("--dtype", default="bfloat16")
@@ -64,12 +65,12 @@ def main(argv=None):
         ref = two_scans(selective_scan_torch, {k: v.float() for k, v in kw.items()})
         moved = 8 * b * d * L * kw["x_f"].element_size()  # 5 reads, y_bwd write + read back, out write
         for cfg in a.configs:
-            bd, bl, nw = (int(v) for v in cfg.split("x"))
+            bd, bl, nw, seg = ([int(v) for v in cfg.split("x")] + [1])[:4]
             run = lambda: bidirectional_selective_scan_triton(  # noqa: E731
-                **kw, block_d=bd, block_l=bl, num_warps=nw)
+                **kw, block_d=bd, block_l=bl, num_warps=nw, segments=seg)
             err = rel_err(run(), ref)
             t = median_ms(run)
-            print(f"L={L:6d} {layout:13s} triton {cfg:8s} {t:9.3f} ms {moved / t / 1e6:6.0f} GB/s  rel err {err:.2e}",
+            print(f"L={L:6d} {layout:13s} triton {cfg:11s} {t:9.3f} ms {moved / t / 1e6:6.0f} GB/s  rel err {err:.2e}",
                   flush=True)
         if dev.type == "cuda" and has_mamba_ssm() and layout == "contiguous":
             run = lambda: two_scans(selective_scan_cuda, kw)  # noqa: E731
