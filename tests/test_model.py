@@ -116,3 +116,44 @@ def test_bad_latent_shapes_are_named(shape, match):
 def test_bad_caption_width_is_named():
     with pytest.raises(ValueError, match="caption features"):
         tiny()(torch.randn(1, 4, 4, 4), 1.0, torch.randn(1, 1, 8, 32))
+
+
+@pytest.mark.parametrize("backend", ["torch", "parallel"])
+def test_hooked_direct_layers_act(backend):
+    """conv1d / x_proj / dt_proj are read by weight; when a host replaces their forward (ComfyUI's bypass-mode
+    adapters) or hooks them, the mixer calls them instead: a bypass LoRA-style term there equals merging it into
+    the weights, and an empty hook changes nothing."""
+    import copy
+
+    from dimba_core.mamba import BiMambaMixer
+
+    torch.manual_seed(0)
+    mixer = BiMambaMixer(16, d_state=4, backend=backend).eval()
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 21, 16)
+    grad = backend == "parallel"
+    with torch.set_grad_enabled(grad):
+        plain = mixer(x.requires_grad_(grad))
+        hooked = copy.deepcopy(mixer)
+        hooked.x_proj.register_forward_hook(lambda module, args, out: None)
+        assert rel_err(hooked(x), plain) < 1e-6
+        merged, bypassed = copy.deepcopy(mixer), copy.deepcopy(mixer)
+        for name in ("x_proj", "dt_proj_b", "conv1d_b"):
+            layer, target = bypassed.get_submodule(name), merged.get_submodule(name)
+            delta = 0.05 * torch.randn_like(layer.weight)
+            if name.startswith("conv"):
+                def extra(t, w=delta, m=layer):
+                    return torch.nn.functional.conv1d(t, w, None, m.stride, m.padding, m.dilation, m.groups)
+            else:
+                def extra(t, w=delta):
+                    return t @ w.T
+            layer.forward = lambda t, f=layer.forward, extra=extra: f(t) + extra(t)  # what a bypass hook does
+            with torch.no_grad():
+                target.weight.add_(delta)
+        want, got = merged(x), bypassed(x)
+        assert rel_err(got, want) < 1e-5 and rel_err(got, plain) > 1e-3
+        if grad:
+            got.square().sum().backward()  # gradients reach the bypassed path
+            assert x.grad is not None and torch.isfinite(x.grad).all()
