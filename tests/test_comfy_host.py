@@ -7,6 +7,7 @@ COMFYUI_PYTHON is the python that runs ComfyUI (default: this one). The models a
 import copy
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -294,6 +295,24 @@ def test_load_diffusion_model_graph(server, base):
         images[loader] = [saved_image(base, entry, n) for n in ("10", "13")]
     for ours, stock in zip(images["DimbaCheckpointLoader"], images["UNETLoader"]):
         assert ImageChops.difference(ours, stock).getbbox() is None, "Load Diffusion Model gave another image"
+
+
+def test_easycache_graph(server, base):
+    """ComfyUI's EasyCache node on the Dimba MODEL feeds DimbaSampler and KSampler (20 steps) in a real server:
+    both images are saved and ComfyUI's own log reports the steps EasyCache skipped, once per sampler."""
+    graph = both_samplers_graph(128, 96, 20)
+    graph["14"] = {"class_type": "EasyCache", "inputs": {"model": ["1", 0], "reuse_threshold": 0.2,
+                                                         "start_percent": 0.15, "end_percent": 0.95,
+                                                         "verbose": False}}
+    graph["7"]["inputs"]["model"] = graph["11"]["inputs"]["model"] = ["14", 0]
+    graph["10"]["inputs"]["filename_prefix"] = "dimba_easycache_dimbasampler"
+    graph["13"]["inputs"]["filename_prefix"] = "dimba_easycache_ksampler"
+    log_start = len((base / "comfyui.log").read_text())
+    assert saved_sizes(base, run_graph(server, graph)) == [(128, 96)] * 2
+    log = (base / "comfyui.log").read_text()[log_start:]
+    skipped = re.findall(r"EasyCache - skipped (\d+)/20 steps", log)
+    print(f"EasyCache in a server graph: skipped {skipped} of 20 steps (DimbaSampler, KSampler)")
+    assert len(skipped) == 2 and all(int(n) > 0 for n in skipped), log[-3000:]
 
 
 def test_bad_size_is_reported(server):
