@@ -482,8 +482,8 @@ class WrappedSampling:
     def network(self, x, t, y, mask):
         """One network evaluation (the batch is [uncond, cond] halves, or cond alone), inside CALC_COND_BATCH and
         DIFFUSION_MODEL wrappers; wrappers see the eps channels, the variance channels pass beside them."""
-        sigmas = self.sampling.sigma(t)
         halves = 1 if self.cfg == 1.0 else 2  # dimba_core's CFG batches [uncond, cond]
+        sigmas = self.sampling.sigma(t[: x.shape[0] // halves])  # one per latent, as ComfyUI's calc_cond_batch
         opts = dict(self.options["transformer_options"], sigmas=sigmas, sample_sigmas=self.sample_sigmas,
                     uuids=self.uuids[-halves:], cond_or_uncond=[1, 0][-halves:])
         channels = x.shape[1]

@@ -1005,7 +1005,7 @@ def test_dimba_sampler_runs_sampling_wrappers():
             assert torch.equal(out, plain)
             options = seen[0]
             assert len(options["uuids"]) == 2 and options["cond_or_uncond"] == [1, 0]
-            batch = 2 * latent["samples"].shape[0]  # the uncond and cond halves
+            batch = latent["samples"].shape[0]  # one sigma per latent, as ComfyUI's calc_cond_batch gives them
             assert options["sigmas"].shape == (batch,) and len(options["sample_sigmas"]) == 5
 
 
@@ -1018,6 +1018,15 @@ def test_dimba_sampler_with_easycache_and_lazycache():
         print(f"DimbaSampler {sampler} {steps} steps {px} px")
         cache_runs(lambda model, n: S["sampler"].sample(model, S["pos"], S["neg"], latent, 3, n, 4.5, sampler)[0][
             "samples"], steps, CountedNetwork)
+    from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
+
+    one, two = {"samples": S["latent"]["samples"][:1]}, S["latent"]
+    for node, latent in ((EasyCacheNode, one), (LazyCacheNode, two)):  # ComfyUI's EasyCache: batch 1 only (docs)
+        model = run_node(node, model=S["model"], reuse_threshold=0.2, start_percent=0.15, end_percent=0.95,
+                         verbose=False)[0]
+        for cfg, denoise, sampler in ((1.0, 1.0, "dpmpp_2m"), (4.5, 0.6, "dpmpp_2m"), (3.0, 1.0, "sa_solver")):
+            out = S["sampler"].sample(model, S["pos"], S["neg"], latent, 3, 10, cfg, sampler, denoise)[0]["samples"]
+            assert out.shape == latent["samples"].shape and torch.isfinite(out).all(), (node, cfg, denoise, sampler)
 
 
 def inspect_unwrap(fn):
