@@ -235,7 +235,27 @@ def attach(patcher):
             not patcher.get_callbacks(comfy.patcher_extension.CallbacksMP.ON_LOAD, ON_LOAD_KEY):
         patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_LOAD, ON_LOAD_KEY,
                                       patch_direct_parameters)
+        scan_hint(patcher.load_device)
     return patcher
+
+
+_HINTED = set()
+
+
+def scan_hint(device) -> bool:
+    """Once per process and device: say when the Mamba layers will run on the portable `parallel` scan on an NVIDIA
+    GPU (neither mamba-ssm nor triton importable), which the H200 measured 3.8x / 9.9x slower than mamba-ssm at
+    512 / 1024 px, and what to install. Returns whether it logged."""
+    device = torch.device(device)
+    if device.type != "cuda" or device in _HINTED:
+        return False
+    _HINTED.add(device)
+    if dimba_core.ops.resolve_backend("auto", device) != "parallel":
+        return False
+    log.warning("Dimba: neither mamba-ssm nor triton imports, so the Mamba layers run on the portable PyTorch scan "
+                "(4-10x slower than mamba-ssm on an H200). Install triton (on Windows the triton-windows package) "
+                "or, on Linux, mamba-ssm + causal-conv1d, then restart ComfyUI")
+    return True
 
 
 def model_options(weight_dtype, load_device):

@@ -215,6 +215,33 @@ def test_fp8_t5_stays_float8_and_streams():
     print(f"fp8 T5: {len(kept)} float8 layers, model size {t5.patcher.model_size()} bytes")
 
 
+def test_scan_hint_on_cuda_without_kernels():
+    """On an NVIDIA GPU without mamba-ssm and triton a Dimba MODEL's load says once what to install; not on the
+    CPU, not with either package."""
+    import logging
+
+    ops, host = S["core"].ops, S["host"]
+    saved = dict(ops._IMPORTABLE)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    host.log.addHandler(handler)
+    try:
+        ops._IMPORTABLE.update({"mamba_ssm.ops.selective_scan_interface": False, "triton.language": False})
+        host._HINTED.clear()
+        assert not host.scan_hint("cpu")
+        assert host.scan_hint("cuda:0") and not host.scan_hint("cuda:0")  # once
+        ops._IMPORTABLE["triton.language"] = True
+        host._HINTED.clear()
+        assert not host.scan_hint("cuda:0")
+    finally:
+        host.log.removeHandler(handler)
+        ops._IMPORTABLE.clear()
+        ops._IMPORTABLE.update(saved)
+        host._HINTED.clear()
+    assert len(records) == 1 and "triton-windows" in records[0].getMessage()
+
+
 class PytorchAttention:
     """ComfyUI's attention dispatch set to PyTorch SDPA (as --use-pytorch-cross-attention, the default on GPUs;
     on the CPU ComfyUI picks its sub-quadratic attention, which differs from SDPA at float rounding)."""
