@@ -95,7 +95,7 @@ class BiMambaMixer(nn.Module):
         """in_proj -> both directions on the backend (ops.BIDIRECTIONAL), gated by silu(z) -> out_proj."""
         backend = self.backend_for(hidden)
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # b, d, L views of (b, L, 2d)
-        if any(_hooked(self.get_submodule(name)) for name in DIRECT_LAYERS):
+        if any(_hooked(getattr(self, name)) for name in DIRECT_LAYERS):
             return self.out_proj(self._through_layers(x, z, backend).transpose(1, 2))
         ssm = wide(x.dtype)
         with (layer_weights(self.conv1d, x) as conv, layer_weights(self.conv1d_b, x) as conv_b,
@@ -108,7 +108,6 @@ class BiMambaMixer(nn.Module):
             y = ops.BIDIRECTIONAL[backend](x, z, weights, backend)
         return self.out_proj(y.transpose(1, 2))
 
-
     def _through_layers(self, x, z, backend):
         """Both directions with conv1d, x_proj and dt_proj called as modules, for layers a host has hooked or whose
         forward it replaced (ComfyUI's bypass-mode adapters on newer versions): they then act on those layers too.
@@ -118,15 +117,15 @@ class BiMambaMixer(nn.Module):
         ssm, length, y = wide(x.dtype), x.shape[-1], 0
         for i, suffix in enumerate(("", "_b")):
             conv, x_proj, dt_proj = (getattr(self, name + suffix) for name in ("conv1d", "x_proj", "dt_proj"))
+            A_log, D = getattr(self, ("A_log", "A_b_log")[i]), getattr(self, "D" + suffix)
             xi, zi = (x, z) if i == 0 else (x.flip(-1), z.flip(-1))
             xi = torch.nn.functional.silu(conv(xi.contiguous())[..., :length])
             dt, B, C = x_proj(xi.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
             bias = cast_to(dt_proj.bias, dt, ssm)
             delta = (dt_proj(dt.to(dt_proj.weight.dtype)).to(ssm) - bias).to(x.dtype).transpose(1, 2)
-            A, D = (-torch.exp(widen(self.A_log, x)), widen(self.D, x)) if i == 0 else (
-                -torch.exp(widen(self.A_b_log, x)), widen(self.D_b, x))
-            out = scan(xi, delta.contiguous(), A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D,
-                       zi.contiguous(), delta_bias=bias, delta_softplus=True)
+            out = scan(xi, delta.contiguous(), -torch.exp(widen(A_log, x)), B.transpose(1, 2).contiguous(),
+                       C.transpose(1, 2).contiguous(), widen(D, x), zi.contiguous(), delta_bias=bias,
+                       delta_softplus=True)
             y = y + (out if i == 0 else out.flip(-1))
         return y
 

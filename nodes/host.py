@@ -529,7 +529,7 @@ class WrappedSampling:
         found = comfy.patcher_extension.get_all_wrappers(_WRAPPERS.PREDICT_NOISE, self.options, is_model_options=True)
         if not found:
             return guided
-        state = {}
+        state = {"variance": None}  # kept from the last prediction that ran (a cached step reuses it)
 
         def predict_noise(x_sigma, timestep, model_options=None, seed=None):
             eps, state["variance"] = guided(x_sigma * state["alpha"], state["t"])
@@ -538,7 +538,7 @@ class WrappedSampling:
         def wrapped(x, t):
             sigma = self.sampling.sigma(torch.as_tensor(t, dtype=torch.float32).reshape(1)).to(x.device)
             alpha = 1 / torch.sqrt(1 + sigma ** 2)
-            state.update(t=t, sigma=sigma, alpha=alpha, variance=state.get("variance"))
+            state.update(t=t, sigma=sigma, alpha=alpha)
             x_sigma = x / alpha
             executor = _wrapped(_WRAPPERS.PREDICT_NOISE, self.options, predict_noise, self.guider)
             denoised = executor.execute(x_sigma, sigma.expand(x.shape[0]), self.options, self.seed)
@@ -592,10 +592,10 @@ def sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_na
             init_latent=to(latent.float() * scale) if denoise < 1.0 else None, denoise=denoise,
             wrap_denoiser=wrap_denoiser)
 
+    wrappers = _wrapper_keys(model, RUN_WRAPPERS)
     try:  # the console bar is closed on Cancel too
-        if _wrapper_keys(model, RUN_WRAPPERS):
-            log.info("DimbaSampler: running the MODEL's sampling wrappers (%s)",
-                     ", ".join(_wrapper_keys(model, RUN_WRAPPERS)))
+        if wrappers:
+            log.info("DimbaSampler: running the MODEL's sampling wrappers (%s)", ", ".join(wrappers))
             wrapped = WrappedSampling(model, denoiser, cfg, steps, seed, denoise)
             out = wrapped.run(noise, latent, run)
         else:
